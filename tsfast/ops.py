@@ -1,0 +1,365 @@
+"""The dispatch layer: one function per op, each routed to Triton or to PyTorch per call.
+
+Backend selection, in order of precedence: `tsfast.ops.use(...)` (a function and a context
+manager; `train.py --kernels` calls it), then the environment variable TSFAST_KERNELS, then
+"auto".
+
+- "torch": always `tsfast.reference`.
+- "auto": Triton when the call's tensors are on a CUDA device and Triton imports, else torch
+  (CPU and MPS always torch). A call the Triton kernel does not support (a head dim it
+  lacks, say) goes to torch with a one-time log line.
+- "triton": Triton or a `BackendUnavailable` error that names the reason and the fix. On CPU
+  tensors Triton runs only under TRITON_INTERPRET=1 (Triton's slow interpreter).
+
+Arguments are validated here, before either backend runs, so both backends reject bad
+input with the same `ValueError` / `TypeError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from contextlib import ContextDecorator
+
+import torch
+
+from tsfast import reference
+
+log = logging.getLogger("tsfast.ops")
+
+BACKENDS = ("auto", "triton", "torch")
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128)  # what the Triton attention kernel compiles for
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "use",
+    "get_backend",
+    "backend_for",
+    "rope_attention",
+    "layernorm_linear",
+    "layer_norm",
+    "cross_entropy",
+    "linear_cross_entropy",
+]
+
+
+class BackendUnavailable(RuntimeError):
+    """`--kernels triton` was asked for where the Triton kernels cannot run."""
+
+
+# ----------------------------------------------------------------------------- selection
+
+_selected: str | None = None  # set by use(); None means "read TSFAST_KERNELS, else auto"
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: use(...) if set, else $TSFAST_KERNELS, else "auto"."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get("TSFAST_KERNELS", "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"TSFAST_KERNELS={env!r} is not a backend: choose one of {', '.join(BACKENDS)}")
+    return env
+
+
+class use(ContextDecorator):
+    """Select the kernel backend: `ops.use("triton")` for the rest of the process, or
+    `with ops.use("torch"): ...` for a block (the previous choice comes back after it)."""
+
+    def __init__(self, backend: str):
+        global _selected
+        self._previous = _selected
+        self.backend = _check_backend(backend)
+        _selected = self.backend
+
+    def __enter__(self):
+        global _selected
+        _selected = self.backend
+        return self
+
+    def __exit__(self, *exc):
+        global _selected
+        _selected = self._previous
+        return False
+
+
+_triton_import_error: str | None | bool = False  # False = not checked yet
+
+
+def _triton_missing() -> str | None:
+    """Why `import triton` fails here, or None. Checked once, lazily (never at import)."""
+    global _triton_import_error
+    if _triton_import_error is False:
+        try:
+            import triton  # noqa: F401
+
+            _triton_import_error = None
+        except Exception as e:  # ImportError, or a broken install
+            _triton_import_error = f"Triton does not import ({type(e).__name__}: {e})"
+    return _triton_import_error
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_cannot_run(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on tensors on `device`, or None."""
+    missing = _triton_missing()
+    if missing:
+        return f"{missing}. Install it (Linux: `uv sync`), or use --kernels torch|auto"
+    if device.type == "cuda" or (device.type == "cpu" and _interpreter_on()):
+        return None
+    fix = "use --kernels auto or torch (or TSFAST_KERNELS=torch)"
+    if device.type == "cpu":
+        fix += ", or set TRITON_INTERPRET=1 to run the kernels in Triton's slow CPU interpreter"
+    return f"the tensors are on {device.type}, and the Triton kernels need a CUDA GPU: {fix}"
+
+
+_logged_fallbacks: set[str] = set()
+
+
+def backend_for(op: str, device: torch.device, unsupported: str | None = None) -> str:
+    """The backend ("triton" or "torch") that runs this call of `op`.
+
+    `unsupported` is why the Triton kernel cannot take this particular call (None if it can).
+    """
+    chosen = get_backend()
+    if chosen == "torch":
+        return "torch"
+    kernel_missing = None if _kernel_module(op) is not None else f"no Triton kernel for {op} yet"
+    if chosen == "auto":
+        if device.type != "cuda" or _triton_missing():
+            return "torch"
+        reason = kernel_missing or unsupported
+        if reason:
+            if op + reason not in _logged_fallbacks:
+                _logged_fallbacks.add(op + reason)
+                log.warning("tsfast: %s runs on torch: %s", op, reason)
+            return "torch"
+        return "triton"
+    cannot = _triton_cannot_run(device) or kernel_missing
+    if cannot:
+        raise BackendUnavailable(f"--kernels triton cannot run {op}: {cannot}")
+    if unsupported:
+        raise BackendUnavailable(
+            f"--kernels triton cannot run this {op} call: {unsupported}. "
+            "Use --kernels auto to send such calls to torch"
+        )
+    return "triton"
+
+
+# op name -> (module, function) of its Triton implementation
+_TRITON_IMPL = {
+    "rope_attention": ("tsfast.kernels.rope_attention", "rope_attention"),
+    "layernorm_linear": ("tsfast.kernels.layernorm_gelu", "layernorm_linear"),
+    "layer_norm": ("tsfast.kernels.layernorm_gelu", "layer_norm"),
+    "cross_entropy": ("tsfast.kernels.cross_entropy", "cross_entropy"),
+    "linear_cross_entropy": ("tsfast.kernels.cross_entropy", "linear_cross_entropy"),
+}
+_modules: dict[str, object] = {}
+
+
+def _kernel_module(op: str):
+    """The kernel module for `op`, imported on first use; None if it does not exist yet."""
+    if op not in _modules:
+        name, attr = _TRITON_IMPL[op]
+        try:
+            mod = importlib.import_module(name)
+            _modules[op] = mod if hasattr(mod, attr) else None
+        except ModuleNotFoundError as e:
+            if e.name not in (name, "triton"):
+                raise
+            _modules[op] = None
+    return _modules[op]
+
+
+def _triton(op: str):
+    return getattr(_kernel_module(op), _TRITON_IMPL[op][1])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_same(names: str, tensors, what: str = "dtype") -> None:
+    values = {getattr(t, what) for t in tensors if t is not None}
+    if len(values) > 1:
+        got = ", ".join(f"{n}={getattr(t, what)}" for n, t in zip(names.split(","), tensors, strict=True) if t is not None)
+        raise (TypeError if what == "dtype" else ValueError)(f"{names} must share one {what}: got {got}")
+
+
+def _check_vector(name: str, t, size: int, ref: torch.Tensor) -> None:
+    if t is None:
+        return
+    _check_float(name, t)
+    if t.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}")
+
+
+def _check_targets(targets, n_rows: int, vocab: int, ref: torch.Tensor) -> None:
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be an int64 (or int32) tensor, got {getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.shape != (n_rows,):
+        raise ValueError(f"targets must have shape ({n_rows},) to match the input rows, got {tuple(targets.shape)}")
+    if targets.device != ref.device:
+        raise ValueError(f"targets are on {targets.device} but the input is on {ref.device}")
+
+
+def _check_target_range(targets, vocab: int, ignore_index: int) -> None:
+    """Out-of-range targets: checked on CPU only, where it costs no device sync."""
+    if targets.device.type == "cpu" and targets.numel():
+        valid = targets[targets != ignore_index]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+            raise ValueError(
+                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                f"got values in [{int(valid.min())}, {int(valid.max())}]"
+            )
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, dropout_p=0.0):
+    """o = softmax(rope(q) @ rope(k)^T * scale + causal mask) @ v.
+
+    q, k, v: (B, H, T, D), one dtype, last dim contiguous; cos, sin: (T, D/2) float32 or
+    both None (no rotary). Returns (B, H, T, D) in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    _check_same("q,k,v", (q, k, v), "dtype")
+    _check_same("q,k,v", (q, k, v), "device")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k, v shapes do not match: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs T_q <= T_k, got {q.shape[2]} > {k.shape[2]}")
+    B, H, T, D = q.shape
+    if D % 2 or D < 2:
+        raise ValueError(f"head dim D must be even (rotate-half rotary), got D={D}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must both be given or both be None")
+    if cos is not None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+                raise TypeError(f"{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+            if t.shape != (k.shape[2], D // 2) and t.shape != (T, D // 2):
+                raise ValueError(f"{name} must have shape (T, D/2) = ({T}, {D // 2}), got {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    kw = dict(causal=causal, scale=scale, dropout_p=dropout_p)
+
+    unsupported = None
+    if D not in ATTENTION_HEAD_DIMS:
+        unsupported = f"head dim {D} is not one of {ATTENTION_HEAD_DIMS}"
+    elif dropout_p > 0 and not getattr(_kernel_module("rope_attention"), "SUPPORTS_DROPOUT", False):
+        unsupported = "attention dropout is not implemented in the kernel"
+    elif q.shape[2] != k.shape[2] or (cos is not None and cos.shape[0] != T):
+        unsupported = "query and key lengths differ (KV-cache decoding)"
+    if backend_for("rope_attention", q.device, unsupported) == "triton":
+        return _triton("rope_attention")(q, k, v, cos, sin, **kw)
+    if cos is not None and cos.shape[0] != T:
+        # Decoding with a cache: the tables cover the keys; queries are the last T rows.
+        qc, qs = cos[-T:], sin[-T:]
+        q = reference.apply_rope(q, qc, qs)
+        k = reference.apply_rope(k, cos, sin)
+        return reference.rope_attention(q, k, v, None, None, **kw) if q.dtype != torch.float64 \
+            else reference.attention_math(q, k, v, causal=causal, scale=scale)
+    return reference.rope_attention(q, k, v, cos, sin, **kw)
+
+
+def _check_layernorm_args(x, ln_weight, ln_bias, eps):
+    _check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension (..., C), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    _check_vector("ln_weight", ln_weight, C, x)
+    _check_vector("ln_bias", ln_bias, C, x)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """LayerNorm over the last dim of x (..., C); weight, bias: (C,)."""
+    _check_layernorm_args(x, weight, bias, eps)
+    _check_same("x,weight,bias", (x, weight, bias), "dtype")
+    if backend_for("layer_norm", x.device) == "triton":
+        return _triton("layer_norm")(x, weight, bias, eps)
+    return reference.layer_norm(x, weight, bias, eps)
+
+
+def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=None, eps=1e-5):
+    """y = act(layer_norm(x) @ weight^T + bias); x: (..., C), weight: (F, C), bias: (F,)."""
+    _check_layernorm_args(x, ln_weight, ln_bias, eps)
+    _check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (F, C={x.shape[-1]}), got {tuple(weight.shape)}")
+    _check_vector("bias", bias, weight.shape[0], x)
+    _check_same("x,ln_weight,ln_bias,weight,bias", (x, ln_weight, ln_bias, weight, bias), "dtype")
+    _check_same("x,weight", (x, weight), "device")
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
+    if backend_for("layernorm_linear", x.device) == "triton":
+        return _triton("layernorm_linear")(x, ln_weight, ln_bias, weight, bias, activation=activation, eps=eps)
+    return reference.layernorm_linear(x, ln_weight, ln_bias, weight, bias, activation=activation, eps=eps)
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of logits (N, V) against int targets (N,); "mean" over non-ignored."""
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
+    _check_targets(targets, logits.shape[0], logits.shape[1], logits)
+    _check_target_range(targets, logits.shape[1], ignore_index)
+    _check_reduction(reduction)
+    if backend_for("cross_entropy", logits.device) == "triton":
+        return _triton("cross_entropy")(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    return reference.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean"):
+    """cross_entropy(h @ weight^T, targets) without ever holding the full (N, V) logits.
+
+    h: (N, C); weight: (V, C); targets: (N,).
+    """
+    _check_float("h", h)
+    _check_float("weight", weight)
+    if h.dim() != 2:
+        raise ValueError(f"h must be 2-D (N, C), got shape {tuple(h.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
+        raise ValueError(f"weight must have shape (V, C={h.shape[1]}), got {tuple(weight.shape)}")
+    _check_same("h,weight", (h, weight), "dtype")
+    _check_same("h,weight", (h, weight), "device")
+    _check_targets(targets, h.shape[0], weight.shape[0], h)
+    _check_target_range(targets, weight.shape[0], ignore_index)
+    _check_reduction(reduction)
+    kw = dict(ignore_index=ignore_index, reduction=reduction)
+    if backend_for("linear_cross_entropy", h.device) == "triton":
+        return _triton("linear_cross_entropy")(h, weight, targets, **kw)
+    return reference.linear_cross_entropy(h, weight, targets, **kw)
