@@ -284,13 +284,6 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
         unsupported = "query and key lengths differ (KV-cache decoding)"
     if backend_for("rope_attention", q.device, unsupported) == "triton":
         return _triton("rope_attention")(q, k, v, cos, sin, **kw)
-    if cos is not None and cos.shape[0] != T:
-        # Decoding with a cache: the tables cover the keys; queries are the last T rows.
-        qc, qs = cos[-T:], sin[-T:]
-        q = reference.apply_rope(q, qc, qs)
-        k = reference.apply_rope(k, cos, sin)
-        return reference.rope_attention(q, k, v, None, None, **kw) if q.dtype != torch.float64 \
-            else reference.attention_math(q, k, v, causal=causal, scale=scale)
     return reference.rope_attention(q, k, v, cos, sin, **kw)
 
 

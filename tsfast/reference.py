@@ -40,14 +40,23 @@ def rope_cos_sin(
 
 
 def rope_attention(q, k, v, cos, sin, *, causal=True, scale=None, dropout_p=0.0):
-    """softmax(rope(q) @ rope(k)^T * scale + mask) @ v. q, k, v: (B, H, T, D)."""
+    """softmax(rope(q) @ rope(k)^T * scale + mask) @ v. q: (B, H, Tq, D); k, v: (B, H, Tk, D).
+
+    Tq < Tk is decoding with a KV cache: the queries are the last Tq positions, cos/sin
+    cover all Tk key positions, and the causal mask is aligned to the bottom right.
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
     if cos is not None:
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos[Tk - Tq :], sin[Tk - Tq :])
         k = apply_rope(k, cos, sin)
     if q.dtype == torch.float64:
         return attention_math(q, k, v, causal=causal, scale=scale)
+    mask = None
+    if causal and Tq != Tk:
+        # SDPA's is_causal aligns the mask top-left; a cache needs bottom-right.
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, dropout_p=dropout_p
     )
 
 
