@@ -69,7 +69,7 @@ OBJECTS = (
     ("rock", ("shiny", "smooth", "sparkly", "round"), "collect", "it cracked in two"),
     ("doll", ("pretty", "old", "small", "soft"), "dress up", "its dress ripped"),
     ("blanket", ("warm", "soft", "striped", "blue"), "cuddle with", "it got a big hole"),
-    ("crayons", ("bright", "new", "waxy", "many"), "draw with", "they snapped in half"),
+    ("box of crayons", ("bright", "new", "big", "little"), "draw with", "its lid tore off"),
     ("bucket", ("yellow", "plastic", "little", "red"), "fill with sand", "its handle broke"),
     ("hat", ("funny", "big", "green", "warm"), "wear", "it got squashed"),
     ("bike", ("red", "new", "fast", "shiny"), "ride", "its chain came off"),
