@@ -13,6 +13,11 @@ manager; `train.py --kernels` calls it), then the environment variable TSFAST_KE
 
 Arguments are validated here, before either backend runs, so both backends reject bad
 input with the same `ValueError` / `TypeError`.
+
+torch.compile: the backend choice is made while tracing and compiled in as a constant
+(select the backend before compiling; a later use() does not recompile). The torch path
+compiles without graph breaks; per-op metering (`tsfast.meter`) is skipped inside compiled
+code, and so is the targets range check, which would need a host sync.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from contextlib import ContextDecorator
 
 import torch
 
-from tsfast import reference
+from tsfast import flops, reference
+from tsfast import meter as _meter
 
 log = logging.getLogger("tsfast.ops")
 
@@ -71,19 +76,17 @@ def get_backend() -> str:
     return env
 
 
-class use(ContextDecorator):
+class use:
     """Select the kernel backend: `ops.use("triton")` for the rest of the process, or
     `with ops.use("torch"): ...` for a block (the previous choice comes back after it)."""
 
     def __init__(self, backend: str):
         global _selected
-        self._previous = _selected
         self.backend = _check_backend(backend)
+        self._previous = _selected
         _selected = self.backend
 
     def __enter__(self):
-        global _selected
-        _selected = self.backend
         return self
 
     def __exit__(self, *exc):
@@ -125,7 +128,7 @@ def _triton_cannot_run(device: torch.device) -> str | None:
     return f"the tensors are on {device.type}, and the Triton kernels need a CUDA GPU: {fix}"
 
 
-_logged_fallbacks: set[str] = set()
+_logged_fallbacks: set[tuple[str, str]] = set()
 
 
 def backend_for(op: str, device: torch.device, unsupported: str | None = None) -> str:
@@ -136,18 +139,17 @@ def backend_for(op: str, device: torch.device, unsupported: str | None = None) -
     chosen = get_backend()
     if chosen == "torch":
         return "torch"
-    kernel_missing = None if _kernel_module(op) is not None else f"no Triton kernel for {op} yet"
     if chosen == "auto":
         if device.type != "cuda" or _triton_missing():
             return "torch"
-        reason = kernel_missing or unsupported
+        reason = _kernel_missing(op) or unsupported
         if reason:
-            if op + reason not in _logged_fallbacks:
-                _logged_fallbacks.add(op + reason)
+            if (op, reason) not in _logged_fallbacks:
+                _logged_fallbacks.add((op, reason))
                 log.warning("tsfast: %s runs on torch: %s", op, reason)
             return "torch"
         return "triton"
-    cannot = _triton_cannot_run(device) or kernel_missing
+    cannot = _triton_cannot_run(device) or _kernel_missing(op)
     if cannot:
         raise BackendUnavailable(f"--kernels triton cannot run {op}: {cannot}")
     if unsupported:
@@ -158,6 +160,12 @@ def backend_for(op: str, device: torch.device, unsupported: str | None = None) -
     return "triton"
 
 
+# Dynamo calls backend_for while tracing and bakes its answer into the graph, instead of
+# tracing through env reads, imports and logging (what torch.compiler.assume_constant_result
+# sets; set directly because importing torch._dynamo at import time costs seconds).
+backend_for._dynamo_marked_constant = True
+
+
 # op name -> (module, function) of its Triton implementation
 _TRITON_IMPL = {
     "rope_attention": ("tsfast.kernels.rope_attention", "rope_attention"),
@@ -166,25 +174,57 @@ _TRITON_IMPL = {
     "cross_entropy": ("tsfast.kernels.cross_entropy", "cross_entropy"),
     "linear_cross_entropy": ("tsfast.kernels.cross_entropy", "linear_cross_entropy"),
 }
-_modules: dict[str, object] = {}
+_modules: dict[str, tuple[object, str | None]] = {}  # op -> (module or None, why missing)
 
 
-def _kernel_module(op: str):
-    """The kernel module for `op`, imported on first use; None if it does not exist yet."""
+def _load_kernel(op: str) -> tuple[object, str | None]:
+    """The kernel module for `op`, imported on first use, or (None, the reason)."""
     if op not in _modules:
         name, attr = _TRITON_IMPL[op]
         try:
             mod = importlib.import_module(name)
-            _modules[op] = mod if hasattr(mod, attr) else None
         except ModuleNotFoundError as e:
             if e.name not in (name, "triton"):
                 raise
-            _modules[op] = None
+            _modules[op] = (None, f"no Triton kernel for {op} yet ({name} does not exist)")
+        except Exception as e:  # a kernel module that is there but broken
+            _modules[op] = (None, f"{name} fails to import ({type(e).__name__}: {e})")
+        else:
+            missing = None if hasattr(mod, attr) else f"{name} defines no {attr}()"
+            _modules[op] = (mod if missing is None else None, missing)
     return _modules[op]
+
+
+def _kernel_missing(op: str) -> str | None:
+    return _load_kernel(op)[1]
+
+
+def _kernel_module(op: str):
+    return _load_kernel(op)[0]
 
 
 def _triton(op: str):
     return getattr(_kernel_module(op), _TRITON_IMPL[op][1])
+
+
+# op -> its cost formula in tsfast.flops (called only while a meter is enabled)
+_COST = {
+    "rope_attention": flops.rope_attention_cost,
+    "layernorm_linear": flops.layernorm_linear_cost,
+    "layer_norm": flops.layer_norm_cost,
+    "cross_entropy": flops.cross_entropy_cost,
+    "linear_cross_entropy": flops.linear_cross_entropy_cost,
+}
+
+
+def _run(op: str, backend: str, args: tuple, kwargs: dict, cost_args: tuple, cost_kwargs=None):
+    """Call the op on `backend`; with a meter enabled (outside torch.compile), time it."""
+    impl = _triton(op) if backend == "triton" else getattr(reference, op)
+    meter = _meter._active
+    if meter is None or torch.compiler.is_compiling():
+        return impl(*args, **kwargs)
+    cost = _COST[op](*cost_args, **(cost_kwargs or {}))
+    return meter.time_call(op, backend, cost, impl, args, kwargs)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -194,7 +234,7 @@ def _check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64: torch backend only), got {t.dtype}")
 
 
 def _check_same(names: str, tensors, what: str = "dtype") -> None:
@@ -214,7 +254,7 @@ def _check_vector(name: str, t, size: int, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}")
 
 
-def _check_targets(targets, n_rows: int, vocab: int, ref: torch.Tensor) -> None:
+def _check_targets(targets, n_rows: int, ref: torch.Tensor) -> None:
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets must be an int64 (or int32) tensor, got {getattr(targets, 'dtype', type(targets).__name__)}")
     if targets.shape != (n_rows,):
@@ -224,19 +264,25 @@ def _check_targets(targets, n_rows: int, vocab: int, ref: torch.Tensor) -> None:
 
 
 def _check_target_range(targets, vocab: int, ignore_index: int) -> None:
-    """Out-of-range targets: checked on CPU only, where it costs no device sync."""
-    if targets.device.type == "cpu" and targets.numel():
-        valid = targets[targets != ignore_index]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
-            raise ValueError(
-                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                f"got values in [{int(valid.min())}, {int(valid.max())}]"
-            )
+    """Out-of-range targets: checked on CPU only, where it costs no device sync, and not
+    while torch.compile traces (the check reads values, which would break the graph)."""
+    if targets.device.type != "cpu" or not targets.numel() or torch.compiler.is_compiling():
+        return
+    valid = targets[targets != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"got values in [{int(valid.min())}, {int(valid.max())}]"
+        )
 
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _float64_unsupported(t: torch.Tensor) -> str | None:
+    return "float64 runs on torch only (it is the test oracle)" if t.dtype == torch.float64 else None
 
 
 # ----------------------------------------------------------------------------- ops
@@ -245,8 +291,9 @@ def _check_reduction(reduction: str) -> None:
 def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, dropout_p=0.0):
     """o = softmax(rope(q) @ rope(k)^T * scale + causal mask) @ v.
 
-    q, k, v: (B, H, T, D), one dtype, last dim contiguous; cos, sin: (T, D/2) float32 or
-    both None (no rotary). Returns (B, H, T, D) in q's dtype.
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) (Tq < Tk: decoding with a KV cache, the queries
+    being the last Tq positions); one dtype, last dim contiguous. cos, sin: (Tk, D/2)
+    float32, or both None (no rotary). Returns (B, H, Tq, D) in q's dtype.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
@@ -256,9 +303,14 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     _check_same("q,k,v", (q, k, v), "device")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k, v shapes do not match: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(f"causal attention needs T_q <= T_k, got {q.shape[2]} > {k.shape[2]}")
     B, H, T, D = q.shape
+    T_k = k.shape[2]
+    if T > T_k and (causal or cos is not None):
+        # Queries are the last T_q of the T_k positions (a KV cache), so there cannot be more.
+        raise ValueError(f"causal or rotary attention needs T_q <= T_k, got T_q={T} > T_k={T_k}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.numel() > 0:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
     if D % 2 or D < 2:
         raise ValueError(f"head dim D must be even (rotate-half rotary), got D={D}")
     if (cos is None) != (sin is None):
@@ -267,24 +319,24 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
         for name, t in (("cos", cos), ("sin", sin)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
                 raise TypeError(f"{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-            if t.shape != (k.shape[2], D // 2) and t.shape != (T, D // 2):
-                raise ValueError(f"{name} must have shape (T, D/2) = ({T}, {D // 2}), got {tuple(t.shape)}")
+            if t.shape != (T_k, D // 2):
+                raise ValueError(f"{name} must have shape (T_k, D/2) = ({T_k}, {D // 2}), got {tuple(t.shape)}")
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    kw = dict(causal=causal, scale=scale, dropout_p=dropout_p)
 
-    unsupported = None
+    unsupported = _float64_unsupported(q)
     if D not in ATTENTION_HEAD_DIMS:
         unsupported = f"head dim {D} is not one of {ATTENTION_HEAD_DIMS}"
     elif dropout_p > 0 and not getattr(_kernel_module("rope_attention"), "SUPPORTS_DROPOUT", False):
         unsupported = "attention dropout is not implemented in the kernel"
-    elif q.shape[2] != k.shape[2] or (cos is not None and cos.shape[0] != T):
+    elif T != T_k:
         unsupported = "query and key lengths differ (KV-cache decoding)"
-    if backend_for("rope_attention", q.device, unsupported) == "triton":
-        return _triton("rope_attention")(q, k, v, cos, sin, **kw)
-    return reference.rope_attention(q, k, v, cos, sin, **kw)
+    backend = backend_for("rope_attention", q.device, unsupported)
+    return _run("rope_attention", backend, (q, k, v, cos, sin),
+                dict(causal=causal, scale=scale, dropout_p=dropout_p),
+                (B, H, T, D), dict(causal=causal, k_len=T_k))
 
 
 def _check_layernorm_args(x, ln_weight, ln_bias, eps):
@@ -302,9 +354,10 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x (..., C); weight, bias: (C,)."""
     _check_layernorm_args(x, weight, bias, eps)
     _check_same("x,weight,bias", (x, weight, bias), "dtype")
-    if backend_for("layer_norm", x.device) == "triton":
-        return _triton("layer_norm")(x, weight, bias, eps)
-    return reference.layer_norm(x, weight, bias, eps)
+    backend = backend_for("layer_norm", x.device, _float64_unsupported(x))
+    C = x.shape[-1]
+    return _run("layer_norm", backend, (x, weight, bias, eps), {},
+                (x.numel() // C, C, x.element_size()))
 
 
 def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=None, eps=1e-5):
@@ -318,9 +371,10 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=Non
     _check_same("x,weight", (x, weight), "device")
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
-    if backend_for("layernorm_linear", x.device) == "triton":
-        return _triton("layernorm_linear")(x, ln_weight, ln_bias, weight, bias, activation=activation, eps=eps)
-    return reference.layernorm_linear(x, ln_weight, ln_bias, weight, bias, activation=activation, eps=eps)
+    backend = backend_for("layernorm_linear", x.device, _float64_unsupported(x))
+    C, F = weight.shape[1], weight.shape[0]
+    return _run("layernorm_linear", backend, (x, ln_weight, ln_bias, weight, bias),
+                dict(activation=activation, eps=eps), (x.numel() // C, C, F))
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
@@ -328,12 +382,13 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
-    _check_targets(targets, logits.shape[0], logits.shape[1], logits)
+    _check_targets(targets, logits.shape[0], logits)
     _check_target_range(targets, logits.shape[1], ignore_index)
     _check_reduction(reduction)
-    if backend_for("cross_entropy", logits.device) == "triton":
-        return _triton("cross_entropy")(logits, targets, ignore_index=ignore_index, reduction=reduction)
-    return reference.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    backend = backend_for("cross_entropy", logits.device, _float64_unsupported(logits))
+    N, V = logits.shape
+    return _run("cross_entropy", backend, (logits, targets),
+                dict(ignore_index=ignore_index, reduction=reduction), (N, V, logits.element_size()))
 
 
 def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean"):
@@ -349,10 +404,11 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="me
         raise ValueError(f"weight must have shape (V, C={h.shape[1]}), got {tuple(weight.shape)}")
     _check_same("h,weight", (h, weight), "dtype")
     _check_same("h,weight", (h, weight), "device")
-    _check_targets(targets, h.shape[0], weight.shape[0], h)
+    _check_targets(targets, h.shape[0], h)
     _check_target_range(targets, weight.shape[0], ignore_index)
     _check_reduction(reduction)
-    kw = dict(ignore_index=ignore_index, reduction=reduction)
-    if backend_for("linear_cross_entropy", h.device) == "triton":
-        return _triton("linear_cross_entropy")(h, weight, targets, **kw)
-    return reference.linear_cross_entropy(h, weight, targets, **kw)
+    backend = backend_for("linear_cross_entropy", h.device, _float64_unsupported(h))
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _run("linear_cross_entropy", backend, (h, weight, targets),
+                dict(ignore_index=ignore_index, reduction=reduction),
+                (h.shape[0], h.shape[1], weight.shape[0]), dict(with_grad=with_grad))
