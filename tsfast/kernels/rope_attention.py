@@ -43,6 +43,7 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
+_alloc_output = torch.empty  # every kernel output is allocated through this: tests swap in a NaN-filled one
 
 
 @triton.jit
@@ -399,8 +400,8 @@ def _forward(q, k, v, cos, sin, causal, scale):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, T, D, scale, rope, precision = _common(q, cos, scale)
     cos_t, sin_t = _tables(q, cos, sin)
-    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
+    o = _alloc_output((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = _alloc_output((B * H, T), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _fwd[grid](q, k, v, cos_t, sin_t, o, lse,
                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -413,11 +414,11 @@ def _backward(do, q, k, v, cos, sin, o, lse, causal, scale):
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
     B, H, T, D, scale, rope, precision = _common(q, cos, scale)
     cos_t, sin_t = _tables(q, cos, sin)
-    delta = torch.empty_like(lse)
+    delta = _alloc_output(lse.shape, dtype=torch.float32, device=q.device)
     block = 64
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](o, do, delta, *do.stride()[:3], H, T,
                                                       HEAD_DIM=D, BLOCK_M=block)
-    dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = (_alloc_output((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     meta = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOT_PRECISION=precision)
     _bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * H)](
@@ -478,3 +479,42 @@ def rope_attention(q, k, v, cos, sin, *, causal=True, scale=None, dropout_p=0.0)
         raise ValueError("the Triton attention kernel has no dropout: tsfast.ops sends dropout_p > 0 to torch")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return RopeAttention.apply(q, k, v, cos, sin, bool(causal), scale)
+
+
+# ----------------------------------------------------------------------------- static report
+
+REPORT_SHAPES = {"gpt2": (12, 12, 1024, 64), "baby_gpu": (64, 6, 512, 64)}  # (B, H, T, D)
+
+
+def report_cases(dtype="bf16", rope=True, causal=True):
+    """One compilation per autotune config per kernel at the preset shapes (see module doc).
+
+    "attrs" marks the pointer and stride arguments that the runtime would specialize as
+    16-divisible at these shapes (q, k, v as views of a fused (B, T, 3, H, D) projection)."""
+    kernels = [("rope_attention_fwd", _fwd_kernel, FWD_CONFIGS, ["O"]),
+               ("rope_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, ["DK", "DV"]),
+               ("rope_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, ["DQ"])]
+    cases = []
+    for shape, (B, H, T, D) in REPORT_SHAPES.items():
+        for name, fn, configs, outputs in kernels:
+            for cfg in configs:
+                sig, divisible = {}, []
+                for i, arg in enumerate(fn.arg_names):
+                    if arg in ("Q", "K", "V", "DO", *outputs):
+                        sig[arg] = f"*{dtype}"
+                    elif arg in ("COS", "SIN", "LSE", "DELTA"):
+                        sig[arg] = "*fp32"
+                    elif arg in ("qk_scale", "scale"):
+                        sig[arg] = "fp32"
+                    elif arg.isupper() and arg not in ("H", "T"):
+                        sig[arg] = "constexpr"
+                    else:
+                        sig[arg] = "i32"
+                    if sig[arg].startswith("*") or arg.startswith("stride_") or arg == "T" and T % 16 == 0:
+                        divisible.append((i,))
+                constexprs = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOT_PRECISION="tf32", **cfg.kwargs)
+                label = f"BM{cfg.kwargs['BLOCK_M']}-BN{cfg.kwargs['BLOCK_N']}-w{cfg.num_warps}-s{cfg.num_stages}"
+                cases.append({"name": name, "fn": fn, "signature": sig, "constexprs": constexprs,
+                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "config": label,
+                              "shape": shape, "attrs": {k: [["tt.divisibility", 16]] for k in divisible}})
+    return cases
