@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 CHUNK_BYTES = 256 * 2**20  # target size of the fused op's reused logits buffer
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 512, 8192
 
