@@ -106,7 +106,7 @@ def test_backward_of_sum(causal):
 
 
 def test_backward_bit_identical():
-    q, k, v, cos, sin, grad, _ = make_inputs(1, 2, 257, 32, torch.float32, rope=True, layout="fused", seed=11)
+    q, k, v, cos, sin, grad, _ = make_inputs(1, 2, 150, 32, torch.float32, rope=True, layout="fused", seed=11)
     first = run("triton", q, k, v, cos, sin, grad, causal=True)
     second = run("triton", q, k, v, cos, sin, grad, causal=True)
     for a, b in zip(first, second, strict=True):

@@ -343,36 +343,59 @@ def _cfg(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, warps, stages). Causal staging needs BLOCK_M % BLOCK_N == 0 in the forward
-# and dq kernels (query block owns whole key blocks) and BLOCK_N % BLOCK_M == 0 in dk/dv.
-FWD_CONFIGS = [_cfg(*c) for c in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3),
-                                  (128, 64, 8, 3), (128, 128, 8, 2)]]
-DKDV_CONFIGS = [_cfg(*c) for c in [(32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3),
-                                   (64, 128, 8, 2)]]
-DQ_CONFIGS = [_cfg(*c) for c in [(64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
-                                 (128, 64, 8, 2)]]
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel, for head dims up to 64 and for 128. Causal
+# staging needs BLOCK_M % BLOCK_N == 0 in the forward and dq kernels (a query block owns whole
+# key blocks) and BLOCK_N % BLOCK_M == 0 in dk/dv. Survivors of the static report (bf16, rotary,
+# sm_80 and sm_90): every config here compiles with 0 spill bytes and fits shared memory on
+# both (A100 164 KB, H100 228 KB). Pruned for spilling on sm_80: fwd 128x128 (432 B);
+# dk/dv 32x64 w4, 32x128, 64x64, 64x128 (112-944 B); dq 128x32 w4, 64x64, 128x64 (264-520 B);
+# at D=128: fwd 128x64 w8 (392 B), dk/dv 16x64, 32x64, 16x128 (112-5072 B), dq 64x32, 128x32,
+# 64x16 w4 (224-776 B). Small tiles that keep tensor cores busy without spilling remain.
+CONFIGS = {
+    "fwd": {64: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)],
+            128: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3)]},
+    "dkdv": {64: [(16, 64, 4, 3), (16, 64, 4, 2), (32, 64, 8, 3), (16, 128, 8, 3)],
+             128: [(16, 32, 4, 3)]},
+    "dq": {64: [(64, 32, 4, 3), (128, 32, 8, 3)],
+           128: [(32, 32, 4, 3), (64, 16, 8, 3)]},
+}
 # The interpreter runs one config: mixed block sizes so the multi-block diagonal is exercised.
-_PINNED = {"fwd": _cfg(64, 32, 4, 1), "dkdv": _cfg(32, 64, 4, 1), "dq": _cfg(64, 32, 4, 1)}
+_PINNED = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 
 
-def _prune_for(name):
+def configs_for(kernel, head_dim):
+    """The (BLOCK_M, BLOCK_N, warps, stages) tuples the autotuner may try at this head dim."""
+    return CONFIGS[kernel][64 if head_dim <= 64 else 128]
+
+
+def _prune_for(kernel):
     def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        allowed = set(configs_for(kernel, head_dim))
+        fit = [c for c in configs if _key(c) in allowed]
         # Blocks much longer than the sequence only add masked work; keep at least one config.
-        t = max(16, triton.next_power_of_2(named_args["T"]))
-        fit = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(t, 32)]
-        return fit or configs[:1]
+        longest = max(32, triton.next_power_of_2(named_args["T"]))
+        short = [c for c in fit if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= longest]
+        return short or fit[:1] or configs[:1]
     return prune
 
 
-def _tuned(kernel, name, configs):
-    configs = [_PINNED[name]] if _INTERPRET else configs
-    return triton.autotune(configs=configs, key=["T", "HEAD_DIM", "CAUSAL", "ROPE"],
+def _key(config):
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _tuned(kernel, name):
+    if _INTERPRET:
+        tuples = [_PINNED[name]]
+    else:
+        tuples = sorted({c for per_dim in CONFIGS[name].values() for c in per_dim})
+    return triton.autotune(configs=[_cfg(*c) for c in tuples], key=["T", "HEAD_DIM", "CAUSAL", "ROPE"],
                            prune_configs_by={"early_config_prune": _prune_for(name)})(kernel)
 
 
-_fwd = _tuned(_fwd_kernel, "fwd", FWD_CONFIGS)
-_bwd_dkdv = _tuned(_bwd_dkdv_kernel, "dkdv", DKDV_CONFIGS)
-_bwd_dq = _tuned(_bwd_dq_kernel, "dq", DQ_CONFIGS)
+_fwd = _tuned(_fwd_kernel, "fwd")
+_bwd_dkdv = _tuned(_bwd_dkdv_kernel, "dkdv")
+_bwd_dq = _tuned(_bwd_dq_kernel, "dq")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -491,13 +514,12 @@ def report_cases(dtype="bf16", rope=True, causal=True):
 
     "attrs" marks the pointer and stride arguments that the runtime would specialize as
     16-divisible at these shapes (q, k, v as views of a fused (B, T, 3, H, D) projection)."""
-    kernels = [("rope_attention_fwd", _fwd_kernel, FWD_CONFIGS, ["O"]),
-               ("rope_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, ["DK", "DV"]),
-               ("rope_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, ["DQ"])]
+    kernels = [("fwd", _fwd_kernel, ["O"]), ("dkdv", _bwd_dkdv_kernel, ["DK", "DV"]),
+               ("dq", _bwd_dq_kernel, ["DQ"])]
     cases = []
     for shape, (B, H, T, D) in REPORT_SHAPES.items():
-        for name, fn, configs, outputs in kernels:
-            for cfg in configs:
+        for kernel, fn, outputs in kernels:
+            for block_m, block_n, warps, stages in configs_for(kernel, D):
                 sig, divisible = {}, []
                 for i, arg in enumerate(fn.arg_names):
                     if arg in ("Q", "K", "V", "DO", *outputs):
@@ -512,9 +534,10 @@ def report_cases(dtype="bf16", rope=True, causal=True):
                         sig[arg] = "i32"
                     if sig[arg].startswith("*") or arg.startswith("stride_") or arg == "T" and T % 16 == 0:
                         divisible.append((i,))
-                constexprs = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOT_PRECISION="tf32", **cfg.kwargs)
-                label = f"BM{cfg.kwargs['BLOCK_M']}-BN{cfg.kwargs['BLOCK_N']}-w{cfg.num_warps}-s{cfg.num_stages}"
-                cases.append({"name": name, "fn": fn, "signature": sig, "constexprs": constexprs,
-                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "config": label,
+                constexprs = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOT_PRECISION="tf32",
+                                  BLOCK_M=block_m, BLOCK_N=block_n)
+                cases.append({"name": f"rope_attention_{kernel}", "fn": fn, "signature": sig,
+                              "constexprs": constexprs, "num_warps": warps, "num_stages": stages,
+                              "config": f"BM{block_m}-BN{block_n}-w{warps}-s{stages}",
                               "shape": shape, "attrs": {k: [["tt.divisibility", 16]] for k in divisible}})
     return cases
