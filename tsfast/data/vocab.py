@@ -15,6 +15,7 @@ torch.load(..., weights_only=True) reads.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,9 +81,8 @@ class CompactVocab:
         return self._to_compact.copy()
 
     def _map(self, ids, table: np.ndarray, limit: int, what: str):
-        if hasattr(ids, "device"):  # a torch tensor: map on its own device
-            import torch
-
+        torch = sys.modules.get("torch")  # no tensor can exist unless torch is imported
+        if torch is not None and isinstance(ids, torch.Tensor):  # map on the tensor's device
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
                 raise ValueError(f"{what} ids must lie in 0..{limit - 1}, got {int(ids.min())}..{int(ids.max())}")
             key = (what, ids.device)
