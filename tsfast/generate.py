@@ -1,0 +1,265 @@
+"""Autoregressive sampling with a KV cache, shared by `sample.py` and `demo.py`.
+
+    ids = generate(model, prompt_ids, max_new_tokens=200, temperature=0.8, top_k=200, seed=1)
+    for piece in stream_text(model, "Once upon a time", max_new_tokens=200, vocab=vocab):
+        print(piece, end="", flush=True)
+
+How one sequence is decoded (`Decoder`):
+- The prompt is run once (prefill) into a `KVCache`; every later step feeds only the newest
+  token. Rotary positions continue from the cache length (the model reads `kv_cache.length`).
+- The context window: the model sees `tokens[start:]`, at most `block_size` tokens. When a
+  new token would overflow it, the window hops forward: it keeps the newest
+  `block_size - block_size // 4` tokens and re-runs them (a fresh prefill), then goes on one
+  token per step. Re-running is what keeps the cache exact: the keys and values of layers
+  above the first depend on every token a position attended to, so dropping the oldest
+  cache entries (rotary) would leave keys that still carry the dropped tokens, and the
+  logits would drift from what the model computes on the window itself. Hopping by a
+  quarter window costs one prefill every `block_size // 4` tokens and works the same for
+  rotary and learned positions. A prompt longer than the context is cut the same way
+  (its oldest tokens are dropped; `Decoder.truncated` says how many).
+- `use_cache=False` re-runs the whole current window for every token: the same windows,
+  so the same logits (within float rounding); the tests and the benchmark compare the two.
+
+Sampling: logits in float32, divided by the temperature (0 = greedy), top-k (0/None off),
+top-p (nucleus; 1.0/None off), then one draw from a `torch.Generator` seeded by `seed`, so
+samples reproduce and the global RNG is left alone. Generation stops at the end-of-text
+token (not returned) or after `max_new_tokens`.
+
+Compact vocabularies: with `vocab` (a `tsfast.data.vocab.CompactVocab`), prompt ids are
+GPT-2 ids mapped to the model's compact ids (unknown ones to its unk id), sampled ids are
+mapped back to GPT-2 ids, and the end-of-text token is `vocab.eot_id`. Every id a public
+function takes or returns is a GPT-2 id.
+
+Text: `IncrementalDetokenizer` turns ids into text piece by piece, holding back the bytes of
+a character that a token ends in the middle of (GPT-2's byte-level BPE splits emoji and
+many CJK characters across tokens), so the pieces join to exactly `decode(ids)`.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from tsfast.data.tokenizer import EOT, encode, get_tokenizer
+from tsfast.model import GPT, KVCache
+
+__all__ = [
+    "Decoder",
+    "IncrementalDetokenizer",
+    "check_sampling",
+    "generate",
+    "iter_tokens",
+    "sample_next",
+    "stream_text",
+]
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the first bad sampling setting and its valid range."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, int | float) or not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a whole number >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, int | float) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """One token id drawn from `logits` (V,): temperature (0 = argmax), top-k, then top-p."""
+    logits = logits.float()
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    ids = None
+    if top_k and top_k < logits.numel():
+        logits, ids = torch.topk(logits, top_k)  # sorted, largest first
+    if top_p is not None and top_p < 1.0:
+        if ids is None:
+            logits, ids = torch.sort(logits, descending=True)
+        probs = torch.softmax(logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+        # before it already does (the first token is always kept).
+        before = torch.cumsum(probs, dim=-1) - probs
+        logits = logits.masked_fill(before >= top_p, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    choice = int(torch.multinomial(probs, 1, generator=generator))
+    return choice if ids is None else int(ids[choice])
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    try:
+        gen = torch.Generator(device=device)
+    except RuntimeError:  # a device without its own generator: draw on the CPU
+        gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+class Decoder:
+    """The next-token logits of one growing sequence of model ids, with or without a cache.
+
+    `logits()` gives the float32 logits (vocab,) for the token after `tokens`; `push(id)`
+    appends a token. The model sees `tokens[start:]` (see the module docstring).
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: GPT, prompt: Sequence[int], *, use_cache: bool = True):
+        if len(prompt) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.model = model
+        self.block_size = model.config.block_size
+        self.keep = self.block_size - max(1, self.block_size // 4)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.tokens = [int(t) for t in prompt]
+        vocab_size = model.config.vocab_size
+        bad = [t for t in self.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt ids must lie in [0, {vocab_size}); got {bad[:5]}")
+        self.cache = KVCache(model.config, 1, device=self.device, dtype=self.dtype) if use_cache else None
+        self.start = 0
+        if len(self.tokens) > self.block_size:
+            self.start = len(self.tokens) - self.keep
+        self.truncated = self.start  # prompt tokens that did not fit the context
+        self.prefills = 0  # full-window runs (for tests and the benchmark)
+        self._logits = self._run_window()
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits, _ = self.model(idx, kv_cache=self.cache)
+        return logits[0, -1].float()
+
+    def _run_window(self) -> torch.Tensor:
+        if self.cache is not None:
+            self.cache.length = 0
+        self.prefills += 1
+        return self._forward(self.tokens[self.start :])
+
+    def logits(self) -> torch.Tensor:
+        return self._logits
+
+    @torch.inference_mode()
+    def push(self, token: int) -> None:
+        self.tokens.append(int(token))
+        if len(self.tokens) - self.start > self.block_size:
+            self.start = len(self.tokens) - self.keep
+            self._logits = self._run_window()
+        elif self.cache is None:
+            self._logits = self._run_window()
+        else:
+            self._logits = self._forward(self.tokens[-1:])
+
+
+def _to_model_ids(prompt_ids: Sequence[int], vocab) -> list[int]:
+    ids = [int(t) for t in (prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)]
+    if vocab is not None:
+        ids = [int(t) for t in vocab.to_compact(ids)]
+    return ids
+
+
+def iter_tokens(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = EOT,
+    vocab=None,
+    use_cache: bool = True,
+    decoder_out: list | None = None,
+) -> Iterator[int]:
+    """Yield new GPT-2 ids one at a time (see `generate`). `decoder_out`, if a list, gets
+    the `Decoder` appended (to read `truncated` after the first token)."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    eos = eos_id
+    if vocab is not None and eos_id is not None:
+        eos = vocab.eot_id if eos_id == EOT else int(vocab.to_compact([eos_id])[0])
+    decoder = Decoder(model, _to_model_ids(prompt_ids, vocab), use_cache=use_cache)
+    if decoder_out is not None:
+        decoder_out.append(decoder)
+    generator = _make_generator(seed, decoder.device)
+    for step in range(max_new_tokens):
+        token = sample_next(
+            decoder.logits(), temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+        if eos is not None and token == eos:
+            return
+        yield int(vocab.to_gpt2([token])[0]) if vocab is not None else token
+        if step + 1 < max_new_tokens:
+            decoder.push(token)
+
+
+def generate(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = EOT,
+    vocab=None,
+    use_cache: bool = True,
+) -> list[int]:
+    """The new GPT-2 ids after `prompt_ids` (GPT-2 ids), without the end-of-text token.
+
+    temperature 0 is greedy; top_k 0/None and top_p 1/None are off; the same seed gives the
+    same ids; eos_id=None never stops early; vocab maps a compact-vocabulary model.
+    """
+    return list(
+        iter_tokens(
+            model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, eos_id=eos_id, vocab=vocab, use_cache=use_cache,
+        )
+    )
+
+
+class IncrementalDetokenizer:
+    """GPT-2 ids in, text out: `push(id)` returns the text completed by that token (maybe
+    ""), `flush()` the rest (an unfinished character becomes U+FFFD, as `decode` does)."""
+
+    def __init__(self):
+        self._enc = get_tokenizer()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._utf8.decode(self._enc.decode_single_token_bytes(int(token)))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def stream_text(model: GPT, prompt: str, *, vocab=None, **options) -> Iterator[str]:
+    """Yield only the newly decoded text after `prompt` (plain text: a typed
+    "<|endoftext|>" is ordinary characters). Options as for `generate`."""
+    ids = encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: type some text to continue")
+    detok = IncrementalDetokenizer()
+    for token in iter_tokens(model, ids, vocab=vocab, **options):
+        piece = detok.push(token)
+        if piece:
+            yield piece
+    tail = detok.flush()
+    if tail:
+        yield tail
