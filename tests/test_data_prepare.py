@@ -107,8 +107,13 @@ def test_rerun_skips_and_changed_input_redoes(corpus, tmp_path, capsys):
     extra = random_stories(random.Random(), 3)
     write_hub_file(corpus["train_file"], corpus["train"] + extra)
     prepare_files(corpus, tmp_path / "data")
-    assert "skipping" not in capsys.readouterr().out
+    assert "prepared from other inputs or options; preparing it again" in capsys.readouterr().out
     assert decode(TokenData(out).train) == joined(corpus["train"] + extra)
+    with open(out / "val.bin", "ab") as handle:  # damaged output is redone, not trusted
+        handle.write(b"\1\0")
+    prepare_files(corpus, tmp_path / "data")
+    assert "val.bin has" in capsys.readouterr().out
+    assert decode(TokenData(out).val) == joined(corpus["val"])
 
 
 def test_hub_download_is_called_for_the_right_files(corpus, tmp_path, monkeypatch):
@@ -158,7 +163,7 @@ def test_failure_mid_write_leaves_the_old_corpus_intact(corpus, tmp_path, monkey
 
     monkeypatch.setattr(sources, "JOB_TEXT_CHARS", 100)
     monkeypatch.setattr(prep.SplitWriter, "write", failing_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(prep.PrepareError, match="disk full.*the existing data there is unchanged"):
         prepare_files(corpus, tmp_path / "data")
     assert digests(out) == before  # no temporaries left either
     assert decode(TokenData(out).train) == joined(corpus["train"][:5])

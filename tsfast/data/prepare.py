@@ -174,7 +174,10 @@ def _already_prepared(out: Path, fingerprint: str) -> bool:
     except fmt.DataError as exc:
         print(f"prepare: the existing data is not usable ({exc}); preparing it again", flush=True)
         return False
-    return existing.get("fingerprint") == fingerprint
+    if existing.get("fingerprint") != fingerprint:
+        print(f"prepare: {out} was prepared from other inputs or options; preparing it again", flush=True)
+        return False
+    return True
 
 
 def _tokenize_splits(out: Path, sources: dict, limit: int | None, workers: int,
@@ -283,7 +286,11 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
         raise PrepareError(f"cannot create {out} ({exc.strerror}); pick another --out") from exc
     _remove_stale_temporaries(out)
 
-    writers = _tokenize_splits(out, sources, limit, workers, progress)
+    try:
+        writers = _tokenize_splits(out, sources, limit, workers, progress)
+    except OSError as exc:  # disk full, read-only directory, a file vanishing mid-read
+        raise PrepareError(f"preparing {out} failed ({exc}); the existing data there is unchanged; "
+                           "fix the cause (space, permissions) and run again") from exc
     for split, source in sources.items():
         if isinstance(source, TextSplit):
             origin[f"{split}_path"] = str(source.path.resolve())
@@ -303,9 +310,11 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
     }
     try:
         _commit(out, writers, meta)
-    except BaseException:
+    except BaseException as exc:
         for writer in writers.values():
             writer.temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise PrepareError(f"finishing {out} failed ({exc}); run again to prepare it") from exc
         raise
     val = writers["val"]
     print(f"prepare: wrote {out}: train {train.tokens:,} tokens ({train.stories:,} stories), "
