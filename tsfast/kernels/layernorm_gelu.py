@@ -367,3 +367,66 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=Non
 def layer_norm(x, weight, bias=None, eps=1e-5):
     """LayerNorm over the last dim on the Triton kernels (arguments validated by ops)."""
     return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- static report
+
+REPORT_SHAPES = {"gpt2": {"N": 12 * 1024, "C": 768, "F": 4 * 768}, "baby_gpu": {"N": 64 * 512, "C": 384, "F": 4 * 384}}
+
+
+def _case(name, fn, shape, types, constexprs, *, num_warps, num_stages, config):
+    """One compilation of `fn` for the static report; ints take the preset's sizes, and
+    every pointer and every size divisible by 16 gets the divisibility hint Triton's JIT
+    would give it at that shape (`attrs`, keyed by argument index)."""
+    sizes = REPORT_SHAPES[shape]
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        signature[arg] = "constexpr" if arg in constexprs else types.get(arg, "i32")
+        pointer = signature[arg].startswith("*")
+        value = sizes.get(arg, types.get(arg + "_value"))
+        if pointer or (signature[arg] == "i32" and value is not None and value % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return {"name": name, "fn": fn, "signature": signature, "constexprs": dict(constexprs),
+            "attrs": attrs, "num_warps": num_warps, "num_stages": num_stages, "config": config,
+            "shape": shape}
+
+
+def report_cases() -> list[dict]:
+    """Every kernel and autotune config of this family, in bf16, at the gpt2 and baby_gpu
+    shapes (the matmuls in their heaviest variant: GELU, both biases)."""
+    bf16, fp32 = "*bf16", "*fp32"
+    cases = []
+    for shape, sizes in REPORT_SHAPES.items():
+        bucket = {"N_BUCKET_value": n_bucket(sizes["N"])}
+        block_c = triton.next_power_of_2(sizes["C"])
+        ln_types = {"X": bf16, "LnW": bf16, "LnB": bf16, "Y": bf16, "Mean": fp32, "Rstd": fp32, "eps": "fp32"}
+        for name, write_y in (("layer_norm_fwd", True), ("ln_row_stats", False)):
+            warps = _row_warps(block_c, 2)
+            cases.append(_case(name, _layer_norm_fwd_kernel, shape, ln_types,
+                               {"HAS_BIAS": True, "WRITE_Y": write_y, "BLOCK_C": block_c},
+                               num_warps=warps, num_stages=1, config=f"BC{block_c}-w{warps}"))
+        for name, dy_type in (("layer_norm_bwd", bf16), ("ln_linear_ln_bwd", fp32)):
+            warps = _row_warps(block_c, 4 if dy_type == fp32 else 2)
+            types = {"X": bf16, "DY": dy_type, "LnW": bf16, "Mean": fp32, "Rstd": fp32, "DX": bf16,
+                     "DGammaPart": fp32, "DBetaPart": fp32}
+            cases.append(_case(name, _layer_norm_bwd_kernel, shape, types, {"BLOCK_C": block_c},
+                               num_warps=warps, num_stages=1, config=f"BC{block_c}-w{warps}"))
+        cases.append(_case("ln_column_sum", _column_sum_kernel, shape, {"Part": fp32, "Out": bf16},
+                           COLUMN_SUM_BLOCKS, num_warps=4, num_stages=1, config="BP32-BC128-w4"))
+        matmuls = (
+            ("ln_linear_fwd", _ln_linear_fwd_kernel, FWD_CONFIGS,
+             {"X": bf16, "Mean": fp32, "Rstd": fp32, "LnW": bf16, "LnB": bf16, "W": bf16, "Bias": bf16,
+              "Y": bf16, "Pre": bf16}, {"HAS_LN_BIAS": True, "HAS_BIAS": True, "GELU": True}),
+            ("ln_linear_dln", _dln_matmul_kernel, DLN_CONFIGS,
+             {"DY": bf16, "Pre": bf16, "W": bf16, "DLN": fp32}, {"GELU": True}),
+            ("ln_linear_dw", _dw_matmul_kernel, DW_CONFIGS,
+             {"DY": bf16, "Pre": bf16, "X": bf16, "Mean": fp32, "Rstd": fp32, "LnW": bf16, "LnB": bf16,
+              "DW": bf16, "DB": bf16}, {"GELU": True, "HAS_LN_BIAS": True, "HAS_BIAS": True}),
+        )
+        for name, fn, configs, types, flags in matmuls:
+            for cfg in configs:
+                constexprs = {**flags, "DOT_PRECISION": "tf32", **cfg.kwargs}
+                cases.append(_case(name, fn, shape, {**types, **bucket}, constexprs,
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                   config=config_label(cfg)))
+    return cases

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-SQRT_2_OVER_PI = 0.7978845608028654
-GELU_CUBIC = 0.044715
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+GELU_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -80,17 +80,18 @@ def _dln_matmul_kernel(
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Out-of-range rows/columns are clamped (wrapped) for the loads and masked at the store.
+    # Rows past N are wrapped (dim not contiguous in memory); columns past C are masked, since
+    # a wrapped index would hide the contiguity that 128-bit loads need.
     rows_in = (rows % N).to(tl.int64)
-    cols_in = cols % C
+    col_ok = cols < C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, F, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < F
         dpre = _dpre_tile(DY, Pre, rows_in[:, None] * F + ks[None, :], k_ok[None, :], GELU)
-        w = tl.load(W + ks[:, None] * C + cols_in[None, :], mask=k_ok[:, None], other=0.0)
+        w = tl.load(W + ks[:, None] * C + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(dpre.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-    out_mask = (rows < N)[:, None] & (cols < C)[None, :]
+    out_mask = (rows < N)[:, None] & col_ok[None, :]
     tl.store(DLN + rows.to(tl.int64)[:, None] * C + cols[None, :], acc, mask=out_mask)
 
 
@@ -114,33 +115,41 @@ def _dw_matmul_kernel(
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(F, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
     feats = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    feats_in = feats % F
-    cols_in = cols % C
-    gamma = tl.load(LnW + cols_in).to(tl.float32)
-    if HAS_LN_BIAS:
-        beta = tl.load(LnB + cols_in).to(tl.float32)
-    else:
-        beta = tl.zeros_like(gamma)
+    # Features and columns are the contiguous dims of dY and x: masked, not wrapped.
+    feat_ok = feats < F
+    col_ok = cols < C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # db = dPre^T @ ones rides on the tensor cores (16 wide, the narrowest tl.dot) and
+    # reuses the A operand; a tl.sum per step spilled on sm_80.
+    ones = tl.full((BLOCK_K, 16), 1.0, dtype=X.dtype.element_ty)
+    db = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for k in range(0, N, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < N
         ks64 = ks.to(tl.int64)
-        # Rows past N load dY = 0, so they add nothing whatever LN(x) is there.
-        dpre = _dpre_tile(DY, Pre, ks64[:, None] * F + feats_in[None, :], k_ok[:, None], GELU)
-        if HAS_BIAS:
-            db += tl.sum(dpre, axis=0)
+        # dY^T tile loaded as (features, rows) so dPre is computed in the A operand's layout.
+        # Rows past N load dY = 0, so they add nothing whatever x is there.
+        dpre_t = _dpre_tile(DY, Pre, feats[:, None] + ks64[None, :] * F, feat_ok[:, None] & k_ok[None, :], GELU)
+        dpre_t = dpre_t.to(X.dtype.element_ty)
         mean = tl.load(Mean + ks, mask=k_ok, other=0.0)
         rstd = tl.load(Rstd + ks, mask=k_ok, other=0.0)
-        x = tl.load(X + ks64[:, None] * C + cols_in[None, :], mask=k_ok[:, None], other=0.0)
-        xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-        acc = tl.dot(tl.trans(dpre.to(x.dtype)), xn.to(x.dtype), acc, input_precision=DOT_PRECISION)
-    out_mask = (feats < F)[:, None] & (cols < C)[None, :]
+        x = tl.load(X + ks64[:, None] * C + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        # gamma and beta are per output column: applied once in the epilogue, not per tile.
+        xhat = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+        acc = tl.dot(dpre_t, xhat.to(x.dtype), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS or HAS_LN_BIAS:
+            db = tl.dot(dpre_t, ones, db, input_precision=DOT_PRECISION)
+    db_col = tl.max(db, axis=1)  # the 16 columns are equal
+    # dW = sum_i dPre_if (xhat_ic gamma_c + beta_c) = gamma_c (dPre^T xhat)_fc + beta_c db_f
+    acc = acc * tl.load(LnW + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LN_BIAS:
+        beta = tl.load(LnB + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += db_col[:, None] * beta[None, :]
+    out_mask = feat_ok[:, None] & col_ok[None, :]
     tl.store(DW + feats[:, None] * C + cols[None, :], acc.to(DW.dtype.element_ty), mask=out_mask)
     if HAS_BIAS:
         if pid_n == 0:  # every column block summed the same dPre; the first one stores it
-            tl.store(DB + feats, db.to(DB.dtype.element_ty), mask=feats < F)
+            tl.store(DB + feats, db_col.to(DB.dtype.element_ty), mask=feat_ok)
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -159,21 +168,22 @@ def config_label(cfg: triton.Config) -> str:
 
 INTERPRETER_CONFIG = matmul_config(64, 64, 64, 4, 1)  # large tiles: fewer interpreted steps
 
-# Survivors of the static report (sm_80 and sm_90, bf16, 0 spill bytes); see DLN/DW lists.
+# Survivors of the static report (sm_80 and sm_90, bf16, 0 spill bytes). Square 128 tiles
+# feed the tensor cores best at gpt2 sizes; the 64-wide ones fill 132 SMs at baby sizes.
 DLN_CONFIGS = [
     matmul_config(128, 128, 64, 8, 3),
     matmul_config(128, 64, 64, 4, 4),
     matmul_config(64, 128, 64, 4, 4),
     matmul_config(64, 64, 64, 4, 4),
 ]
-# K = N is long here and the output (F, C) is small, so narrower tiles keep the SMs busy.
+# The GELU' prologue runs on the (features, rows) A tile: with BLOCK_K = 64 the larger tiles
+# needed > 255 registers on sm_80 and spilled 360-400 bytes, so they use BLOCK_K = 32.
 DW_CONFIGS = [
-    matmul_config(128, 128, 64, 8, 3),
-    matmul_config(128, 64, 64, 4, 4),
-    matmul_config(64, 128, 64, 4, 4),
+    matmul_config(128, 128, 32, 8, 3),
+    matmul_config(128, 64, 32, 4, 4),
+    matmul_config(64, 128, 32, 4, 4),
     matmul_config(64, 64, 64, 4, 4),
 ]
-
 
 def _pick(configs):
     return [INTERPRETER_CONFIG] if os.environ.get("TRITON_INTERPRET") == "1" else configs
