@@ -36,7 +36,8 @@ GROWN_UPS = (
     ("the wise old owl", "he"), ("the kind farmer", "he"), ("Mama Bear", "she"),
 )
 
-# name, a few things one sees there, a place to look for lost things, what makes it fun
+# outdoor places (the wind, trees and rain of the plots must fit): name, a few things one
+# sees there, a place to look for lost things, what makes it fun
 PLACES = (
     ("the park", ("swings", "a big slide", "a pond with ducks"), "under the slide", "run on the grass"),
     ("the forest", ("tall trees", "red mushrooms", "a little stream"), "behind a big log", "listen to the birds"),
@@ -48,12 +49,10 @@ PLACES = (
     ("the meadow", ("yellow flowers", "butterflies", "tall grass"), "in the tall grass", "chase butterflies"),
     ("the backyard", ("a sandbox", "a small tree", "a wooden fence"), "in the sandbox", "dig in the dirt"),
     ("the zoo", ("lions", "a tall giraffe", "noisy monkeys"), "near the monkey house", "wave at the animals"),
-    ("the library", ("many books", "soft chairs", "a big window"), "under a chair", "look at picture books"),
     ("the school yard", ("a jungle gym", "hopscotch squares", "a big bell"), "by the fence", "play tag"),
     ("the snowy field", ("white snow", "icicles", "a frozen pond"), "under the snow", "make snow angels"),
     ("the town square", ("a fountain", "a bakery", "a clock tower"), "by the fountain", "hear the clock ring"),
     ("the lake", ("a little boat", "green frogs", "tall reeds"), "in the reeds", "skip stones"),
-    ("the kitchen", ("a warm oven", "a big table", "jars of cookies"), "under the table", "help bake bread"),
 )
 
 # noun, adjectives that fit, what one does with it, a way it can break
@@ -70,15 +69,17 @@ OBJECTS = (
     ("doll", ("pretty", "old", "small", "soft"), "dress up", "its dress ripped"),
     ("blanket", ("warm", "soft", "striped", "blue"), "cuddle with", "it got a big hole"),
     ("box of crayons", ("bright", "new", "big", "little"), "draw with", "its lid tore off"),
-    ("bucket", ("yellow", "plastic", "little", "red"), "fill with sand", "its handle broke"),
+    ("bucket", ("yellow", "plastic", "little", "red"), "fill", "its handle broke"),
     ("hat", ("funny", "big", "green", "warm"), "wear", "it got squashed"),
     ("bike", ("red", "new", "fast", "shiny"), "ride", "its chain came off"),
     ("jump rope", ("long", "pink", "new", "bouncy"), "jump with", "it got tangled"),
     ("puzzle", ("big", "hard", "colorful", "new"), "put together", "a piece went missing"),
     ("whistle", ("silver", "loud", "little", "shiny"), "blow", "it got bent"),
     ("shell", ("pink", "pretty", "shiny", "big"), "listen to", "it chipped"),
-    ("train", ("wooden", "long", "red", "toy"), "push along the track", "a car fell off"),
+    ("train", ("wooden", "long", "red", "toy"), "push", "a car fell off"),
 )
+
+LIGHT_OBJECTS = ("ball", "kite", "balloon", "hat", "teddy bear", "jump rope")  # can blow into a tree
 
 FEELINGS = {
     "happy": ("happy", "glad", "joyful", "cheerful"),
@@ -88,7 +89,7 @@ FEELINGS = {
     "excited": ("excited", "thrilled", "eager", "bouncy"),
     "worried": ("worried", "uneasy", "anxious", "troubled"),
     "proud": ("proud", "pleased", "tall and proud", "very proud"),
-    "lonely": ("lonely", "alone", "left out", "blue"),
+    "lonely": ("lonely", "alone", "left out", "sad and alone"),
     "surprised": ("surprised", "amazed", "astonished", "puzzled"),
     "sorry": ("sorry", "bad", "ashamed", "guilty"),
 }

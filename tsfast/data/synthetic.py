@@ -25,11 +25,12 @@ followed by a line holding only `<|endoftext|>`:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from tsfast.data import story_words as words
 
-GENERATOR_VERSION = 1  # bump when the stories for a seed change: prepared corpora are redone
+GENERATOR_VERSION = 2  # bump when the stories for a seed change: prepared corpora are redone
 STORY_SEPARATOR = "\n<|endoftext|>\n"
 
 
@@ -56,7 +57,12 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+_SENTENCE_START = re.compile(r"([.!?] )([a-z])")  # not after a closing quote: '"Hi!" said'
+
+
 def _capitalize(sentence: str) -> str:
+    """Upper-case the first letter and every letter that starts a later sentence."""
+    sentence = _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), sentence)
     return sentence[:1].upper() + sentence[1:]
 
 
@@ -133,17 +139,17 @@ class _Tale:
         if introduce_friend:
             friend = self.friend
             called = friend.name if friend.kind in words.PERSON_KINDS else f"{friend.name} the {friend.kind}"
-            self.maybe(0.5, "{he} had a good friend, {called}.", "{called} lived next door.",
-                       "{his} best friend was {friend}, {a_ftrait} {fkind}.",
-                       called=called, a_ftrait=f"{_article(friend.trait)} {friend.trait}")
+            self.add("{he} had a good friend, {called}.", "{called} lived next door.",
+                     "{his} best friend was {friend}, {a_ftrait} {fkind}.",
+                     called=called, a_ftrait=f"{_article(friend.trait)} {friend.trait}")
 
     def go_out(self) -> None:
         self.paragraph()
         self.add("one {weather} {time}, {hero} went to {place}.",
                  "one {time}, {hero} and {friend} went to {place} together.",
                  "one {weather} {time}, {hero} took {his} {obj} to {place}.",
-                 "the sun was up, so {hero} ran to {place}.")
-        self.maybe(0.6, "there were {sight1} and {sight2}.", "{hero} saw {sight1} and {sight3}.",
+                 "one {time}, {hero} ran all the way to {place}.")
+        self.maybe(0.6, "{he} saw {sight1} and {sight2}.", "{hero} saw {sight1} and {sight3}.",
                    "{place} had {sight2} and {sight3}.")
         self.maybe(0.4, "{he} felt {feeling}.", "it was a {weather} {time} and {he} was {feeling}.",
                    feeling=self.feel(self.rng.choice(("happy", "excited"))))
@@ -180,6 +186,9 @@ def _lost_toy(t: _Tale) -> None:
 
 
 def _stuck_up_high(t: _Tale) -> None:
+    if t.fields["obj"] not in words.LIGHT_OBJECTS:  # only light things fly into trees
+        obj, adjectives, use, _ = t.rng.choice([o for o in words.OBJECTS if o[0] in words.LIGHT_OBJECTS])
+        t.fields.update(obj=obj, adj=t.rng.choice(adjectives), use=use)
     t.go_out()
     t.add("{hero} threw {his} {obj} high in the air.", "a big wind came and took {his} {obj} away.")
     t.add("the {obj} got stuck in a tall tree!", "it landed on a high branch and stayed there.")
@@ -323,7 +332,7 @@ def _hard_task(t: _Tale) -> None:
 
 def _making_a_gift(t: _Tale) -> None:
     gift = t.rng.choice(words.GIFTS)
-    t.fields["gift"] = gift
+    t.fields.update(gift=gift, the_gift="the " + gift.split(" ", 1)[1])
     t.paragraph()
     t.add("it was {adult}'s birthday soon.", "{hero} wanted to give {adult} a surprise.")
     t.add("{hero} picked flowers at {place} for a present.", "{hero} wanted to bring {adult} something from {place}.")
@@ -332,10 +341,10 @@ def _making_a_gift(t: _Tale) -> None:
     t.paragraph()
     t.add('{friend} said, "You can make {gift} instead!"', "then {hero} had an idea. {he} would make {gift}.")
     t.add("{he} worked hard all {time}.", "{hero} and {friend} worked on it together.")
-    t.add("when {adult} saw {gift}, {ahe} smiled a big smile.", '{adult} said, "This is the best present ever!"')
+    t.add("when {adult} saw {the_gift}, {ahe} smiled a big smile.", '{adult} said, "This is the best present ever!"')
     t.ending(("{hero} learned that gifts from the heart are the best.",
               "{hero} felt warm inside. Giving made {him} happy.",
-              "{adult} kept {gift} forever."))
+              "{adult} kept {the_gift} forever."))
 
 
 def _rainy_day(t: _Tale) -> None:
