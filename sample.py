@@ -1,0 +1,152 @@
+"""Sample stories from a trained checkpoint, printing tokens as they arrive.
+
+    uv run sample.py --prompt "Once upon a time" --num-samples 3 --max-new-tokens 200 \\
+        --temperature 0.8 --top-k 200 --seed 1 [--ckpt out/ckpt.pt] [--device auto]
+
+Sample i uses seed + i, so a run with the same flags prints the same stories. The last line
+gives the speed in generated tokens per second (prompt processing included).
+`--no-cache` re-runs the whole context for every token (to compare with the KV cache).
+
+Exit codes: 0 done, 1 no usable checkpoint, 2 bad arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+EXIT_CHECKPOINT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Sample text from a tsfast checkpoint.",
+        epilog="Exit codes: 0 done, 1 no usable checkpoint, 2 bad arguments, 130 interrupted.",
+    )
+    p.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
+    p.add_argument("--num-samples", type=int, default=3, help="how many samples (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens per sample at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k likeliest tokens, 0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i (default: %(default)s)")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, mps or cpu (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole context for every token (slow; for comparison)")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, worded for the user, or None."""
+    from tsfast.generate import check_sampling
+
+    if not args.prompt.strip():
+        return '--prompt is empty: give some text to continue, e.g. --prompt "Once upon a time"'
+    if args.num_samples < 1:
+        return f"--num-samples must be at least 1, got {args.num_samples}"
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"
+    try:
+        check_sampling(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+        )
+    except ValueError as e:
+        return "--" + str(e).replace("_", "-")
+    return None
+
+
+def describe(loaded, device) -> str:
+    val = f"val loss {loaded.val_loss:.4f}" if loaded.val_loss is not None else "no val loss"
+    vocab = f"compact vocabulary of {loaded.vocab.size}" if loaded.vocab is not None else "GPT-2 vocabulary"
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    return (
+        f"model: {loaded.name}, {loaded.num_params / 1e6:.2f}M parameters, {val} at step {loaded.step}, "
+        f"{vocab}, context {loaded.model.config.block_size}, {device} {dtype}"
+    )
+
+
+def prompt_notes(loaded, prompt_ids: list[int]) -> list[str]:
+    notes = []
+    block = loaded.model.config.block_size
+    if len(prompt_ids) > block:
+        keep = block - max(1, block // 4)
+        notes.append(
+            f"note: the prompt has {len(prompt_ids)} tokens and the context holds {block}: "
+            f"only its last {keep} tokens are used"
+        )
+    if loaded.vocab is not None:
+        unknown = sum(int(c) == loaded.vocab.unk_id for c in loaded.vocab.to_compact(prompt_ids))
+        if unknown:
+            notes.append(
+                f"note: {unknown} prompt token(s) are not in this model's vocabulary "
+                "(it was trained without them); the model sees them as one unknown token"
+            )
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from tsfast.data.tokenizer import encode
+    from tsfast.generate import IncrementalDetokenizer, iter_tokens
+    from tsfast.train.checkpoint import CheckpointError, load_for_inference
+
+    try:
+        loaded = load_for_inference(args.ckpt, device=args.device)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    except ValueError as e:  # a device that is not there
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    device = next(loaded.model.parameters()).device
+    print(describe(loaded, device), file=sys.stderr)
+    prompt_ids = encode(args.prompt)
+    for note in prompt_notes(loaded, prompt_ids):
+        print(note, file=sys.stderr)
+
+    total_tokens, total_time = 0, 0.0
+    try:
+        for i in range(args.num_samples):
+            print(f"--- sample {i + 1} (seed {args.seed + i}) ---", flush=True)
+            sys.stdout.write(args.prompt)
+            detok = IncrementalDetokenizer()
+            start = time.perf_counter()
+            tokens = iter_tokens(
+                loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, vocab=loaded.vocab,
+                use_cache=not args.no_cache,
+            )
+            for token in tokens:
+                sys.stdout.write(detok.push(token))
+                sys.stdout.flush()
+                total_tokens += 1
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            total_time += time.perf_counter() - start
+            print(detok.flush(), flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    rate = total_tokens / total_time if total_time > 0 else 0.0
+    cache = "no KV cache" if args.no_cache else "KV cache"
+    print(
+        f"{args.num_samples} sample(s), {total_tokens} tokens in {total_time:.2f} s: "
+        f"{rate:.1f} tokens/s ({cache}, {device})",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

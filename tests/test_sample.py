@@ -1,0 +1,146 @@
+"""sample.py end to end on a checkpoint that train.py trains for a few steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from trained_checkpoint import REPO, quiet_env, trained_ckpt  # noqa: F401  (fixture)
+
+RATE_LINE = re.compile(r"^(\d+) sample\(s\), (\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s \((KV cache|no KV cache), cpu\)$")
+
+
+@pytest.fixture(scope="module")
+def sample_mod():
+    spec = importlib.util.spec_from_file_location("sample_cli", REPO / "sample.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_main(mod, capsys, *args: str) -> tuple[int, str, str]:
+    code = mod.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_py_end_to_end(trained_ckpt):  # noqa: F811
+    seed = str(random.randint(0, 10**6))
+    cmd = [sys.executable, str(REPO / "sample.py"), "--prompt", "Once upon a time", "--num-samples", "2",
+           "--max-new-tokens", "25", "--temperature", "0.8", "--top-k", "200", "--seed", seed,
+           "--ckpt", str(trained_ckpt), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=quiet_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "model: tiny" in proc.stderr and "val loss" in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"--- sample 1 (seed {seed}) ---"
+    assert lines[1].startswith("Once upon a time") and len(lines[1]) > len("Once upon a time")
+    assert f"--- sample 2 (seed {int(seed) + 1}) ---" in lines
+    rate = RATE_LINE.match(lines[-1])
+    assert rate, lines[-1]
+    assert rate.group(1) == "2" and 0 < int(rate.group(2)) <= 50 and float(rate.group(3)) > 0
+
+
+def test_same_seed_same_stories(sample_mod, capsys, trained_ckpt):  # noqa: F811
+    seed = str(random.randint(0, 10**6))
+    args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "1", "--max-new-tokens", "30", "--temperature", "1.0"]
+    _, a, _ = run_main(sample_mod, capsys, *args, "--seed", seed)
+    _, b, _ = run_main(sample_mod, capsys, *args, "--seed", seed)
+    _, c, _ = run_main(sample_mod, capsys, *args, "--seed", str(int(seed) + 7))
+    story = lambda out: out.splitlines()[1]
+    assert story(a) == story(b)
+    assert story(a) != story(c)
+
+
+def test_tokens_are_printed_as_they_arrive(sample_mod, trained_ckpt, monkeypatch):  # noqa: F811
+    events = []
+
+    class Recorder:
+        def write(self, text):
+            events.append(("w", text))
+
+        def flush(self):
+            events.append(("f", None))
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    code = sample_mod.main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "1",
+                            "--max-new-tokens", "20", "--temperature", "1.0", "--seed", "3"])
+    monkeypatch.undo()
+    assert code == 0
+    tokens = int(RATE_LINE.match("".join(t for k, t in events if k == "w").splitlines()[-1]).group(2))
+    assert tokens > 1
+    assert sum(k == "f" for k, _ in events) >= tokens  # a flush after every token
+
+
+def test_typed_text_of_every_kind(sample_mod, capsys, trained_ckpt):  # noqa: F811
+    prompt = "Lily 🙂 said こんにちは <|endoftext|> and"
+    code, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), "--device", "cpu", "--prompt", prompt,
+                              "--num-samples", "1", "--max-new-tokens", "10")
+    assert code == 0
+    assert out.splitlines()[1].startswith(prompt)
+    assert "not in this model's vocabulary" in err
+
+
+def test_prompt_longer_than_the_context(sample_mod, capsys, trained_ckpt):  # noqa: F811
+    prompt = "Once upon a time there was a dog. " * 40
+    code, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), "--device", "cpu", "--prompt", prompt,
+                              "--num-samples", "1", "--max-new-tokens", "5")
+    assert code == 0
+    assert re.search(r"the prompt has \d+ tokens and the context holds 128: only its last 96 tokens are used", err)
+
+
+def test_cache_and_no_cache_report_their_speed(sample_mod, capsys, trained_ckpt):  # noqa: F811
+    args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "1", "--max-new-tokens", "8"]
+    _, out, _ = run_main(sample_mod, capsys, *args, "--no-cache")
+    assert RATE_LINE.match(out.splitlines()[-1]).group(4) == "no KV cache"
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--prompt", "   "], 2, "--prompt is empty"),
+        (["--num-samples", "0"], 2, "--num-samples must be at least 1"),
+        (["--max-new-tokens", "0"], 2, "--max-new-tokens must be at least 1"),
+        (["--temperature", "-1"], 2, "--temperature must be a number >= 0"),
+        (["--top-k", "-5"], 2, "--top-k must be a whole number >= 0"),
+        (["--top-p", "1.5"], 2, r"--top-p must be in \(0, 1\]"),
+        (["--device", "tpu"], 2, "unknown device 'tpu'"),
+    ],
+)
+def test_bad_arguments(sample_mod, capsys, trained_ckpt, args, code, message):  # noqa: F811
+    got, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), *args)
+    assert got == code
+    assert re.search(message, err) and "Traceback" not in err
+
+
+def test_missing_and_broken_checkpoints(sample_mod, capsys, tmp_path):
+    code, _, err = run_main(sample_mod, capsys, "--ckpt", str(tmp_path / "nope.pt"))
+    assert code == 1 and "uv run train.py" in err
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(random.randbytes(1000))
+    code, _, err = run_main(sample_mod, capsys, "--ckpt", str(broken))
+    assert code == 1 and "not a readable checkpoint" in err
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    code, _, err = run_main(sample_mod, capsys, "--ckpt", str(other))
+    assert code == 1 and "not a tsfast checkpoint" in err
+
+
+def test_default_checkpoint_missing(sample_mod, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(sample_mod, capsys)
+    assert code == 1
+    assert "no checkpoint at out/ckpt.pt" in err and "uv run train.py" in err
