@@ -116,6 +116,28 @@ def test_rerun_skips_and_changed_input_redoes(corpus, tmp_path, capsys):
     assert decode(TokenData(out).val) == joined(corpus["val"])
 
 
+def test_reads_cut_markers_and_characters_anywhere(corpus, monkeypatch):
+    """Tiny reads split `<|endoftext|>` and multi-byte characters across chunks."""
+    monkeypatch.setattr(sources, "READ_CHUNK_BYTES", random.randrange(1, 12))
+    monkeypatch.setattr(sources, "JOB_TEXT_CHARS", random.randrange(1, 300))
+    jobs = list(sources.TextSplit(corpus["train_file"]).jobs(limit=None))
+    assert [story for (_, batch), _ in jobs for story in batch] == corpus["train"]
+    assert sum(units for _, units in jobs) == corpus["train_file"].stat().st_size
+    crlf = corpus["train_file"].with_suffix(".crlf")
+    crlf.write_bytes(b"\xef\xbb\xbf" + corpus["train_file"].read_bytes().replace(b"\n", b"\r\n"))
+    stories = [story for (_, batch), _ in sources.TextSplit(crlf).jobs(limit=None) for story in batch]
+    assert stories == [s.replace("\n", "\r\n") for s in corpus["train"]]  # BOM dropped, CRLF kept
+
+
+def test_text_without_markers_is_refused_early(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_STORY_CHARS", 1000)
+    monkeypatch.setattr(sources, "READ_CHUNK_BYTES", 256)
+    path = tmp_path / "novel.txt"
+    path.write_text("All work and no play. " * 100, encoding="utf-8")
+    with pytest.raises(prep.PrepareError, match=r"novel\.txt: over 1,000 characters without a `<\|endoftext\|>`"):
+        list(sources.TextSplit(path).jobs(limit=None))
+
+
 def test_hub_download_is_called_for_the_right_files(corpus, tmp_path, monkeypatch):
     import huggingface_hub
 

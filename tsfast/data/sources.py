@@ -33,6 +33,7 @@ HUB_FILES = {
 READ_CHUNK_BYTES = 1 << 22
 JOB_TEXT_CHARS = 1 << 20  # about 1 MiB of text per tokenizing job
 JOB_SYNTHETIC_STORIES = 1000
+MAX_STORY_CHARS = 1 << 24  # TinyStories' longest story has ~4,400; more means no markers
 
 
 class PrepareError(Exception):
@@ -118,6 +119,12 @@ class TextSplit:
                 buffer += text
                 pieces = buffer.split(ENDOFTEXT)
                 buffer = pieces.pop() if raw else ""
+                if len(buffer) > MAX_STORY_CHARS:
+                    raise PrepareError(
+                        f"{self.path}: over {MAX_STORY_CHARS:,} characters without a "
+                        f"`{ENDOFTEXT}` marker; pass a text file in the TinyStories format "
+                        "(stories separated by <|endoftext|> lines)"
+                    )
                 for piece in pieces:
                     story = piece.strip()
                     if not story:
