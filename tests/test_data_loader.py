@@ -135,3 +135,17 @@ def test_damaged_data_is_refused(data_dir, tmp_path):
         TokenData(copy)
     with pytest.raises(DataError, match=r"meta\.json not found.*--dataset synthetic"):
         TokenData(tmp_path / "nothing" / "synthetic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_equal_cpu_batches(data_dir):
+    data = TokenData(data_dir)
+    seed = random.randrange(2**31)
+    on_cpu = BatchSampler.for_split(data, "train", 8, 64, seed=seed)
+    on_gpu = BatchSampler.for_split(data, "train", 8, 64, seed=seed, device="cuda")
+    for step in range(3):
+        x, y = on_gpu.get(step)
+        assert x.device.type == "cuda" and y.device.type == "cuda"
+        cx, cy = on_cpu.get(step)
+        assert torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
