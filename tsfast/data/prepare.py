@@ -358,18 +358,20 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tsfast.data.prepare",
         description="Tokenize TinyStories (Hub or local files) or the synthetic corpus into "
                     "data/<name>/{train,val}.bin + meta.json.")
-    parser.add_argument("--dataset", choices=DATASETS, default="tinystories")
+    parser.add_argument("--dataset", choices=DATASETS, default="tinystories",
+                        help="tinystories (Hub or --train/--valid, default) or synthetic (offline)")
     parser.add_argument("--version", choices=sorted(HUB_FILES), default=None,
                         help="TinyStories release: v2 (GPT-4 stories, default) or v1")
-    parser.add_argument("--train", type=Path, help="local train text file (Hub format)")
-    parser.add_argument("--valid", type=Path, help="local validation text file (Hub format)")
-    parser.add_argument("--out", type=Path, default=Path("data"), help="parent directory (default data)")
+    parser.add_argument("--train", type=Path, metavar="FILE", help="local train text file (Hub format)")
+    parser.add_argument("--valid", type=Path, metavar="FILE", help="local validation text file (Hub format)")
+    parser.add_argument("--out", type=Path, default=Path("data"), metavar="DIR", help="parent directory (default data)")
     parser.add_argument("--name", help="output subdirectory (default tinystories, tinystories_v1 or synthetic)")
-    parser.add_argument("--limit", type=_positive_int, help="keep the first N stories of each split")
-    parser.add_argument("--num-stories", type=_positive_int, default=None,
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="keep the first N stories of each split")
+    parser.add_argument("--num-stories", type=_positive_int, default=None, metavar="N",
                         help=f"synthetic: stories in all (default {DEFAULT_SYNTHETIC_STORIES})")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
-    parser.add_argument("--workers", type=_positive_int, default=None, help="tokenizing processes")
+    parser.add_argument("--workers", type=_positive_int, default=None, metavar="W",
+                        help="tokenizing processes (default: CPU count, at most 8)")
     parser.add_argument("--force", action="store_true", help="redo even if already prepared")
     parser.add_argument("--check", action="store_true",
                         help="only verify the prepared directory (sizes, token ids, checksums)")
