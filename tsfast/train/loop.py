@@ -1,0 +1,427 @@
+"""The training loop.
+
+One optimizer step: `accum` micro-batches (gradient sync on the last only, under DDP), each
+forward under autocast, backward through the GradScaler (fp16 only), then unscale, clip,
+AdamW, learning rate from `schedule.lr_at`. Every log interval: a console line and a
+metrics.jsonl record; every eval interval (and at the end): train/val loss on fixed batches,
+out/ckpt.pt when val loss improves, out/resume.pt always.
+
+Stops early, always at a step boundary and on every rank at the same step:
+- SIGINT / SIGTERM: writes out/resume.pt, exit code 128 + the signal number (a second signal
+  stops at once);
+- a non-finite loss: `NonFiniteLoss` naming the step, nothing written (the last good
+  checkpoints stay). Losses are checked on the device every step and read back at log and
+  eval steps, so no step waits on a host sync for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tsfast import flops
+from tsfast.config import ConfigError, TrainConfig
+from tsfast.model import GPT
+from tsfast.train import checkpoint as ckpt_io
+from tsfast.train import data as data_mod
+from tsfast.train import distributed, runtime
+from tsfast.train.logs import RunLog
+from tsfast.train.schedule import lr_at
+
+SAMPLE_PROMPT = "Once upon a time"
+DEBUG_DUMP_ENV = "TSFAST_DEBUG_DUMP"  # test aid: a directory for one JSON per rank at the end
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_val_loss: float | None
+    val_loss: float | None
+    stopped_by: str | None  # None when max_iters was reached, else "SIGINT", "SIGTERM" or "stop_at"
+    exit_code: int
+    sample: str | None
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one stops now."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and the embedding) only, not on biases or LayerNorms."""
+    params = list(model.parameters())  # the tied embedding once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: dict | None = None):
+        self.cfg = cfg
+        self.dist = distributed.from_env()
+        # Everything that can reject the run comes before any work.
+        self.device = runtime.resolve_device(cfg.device, self.dist.local_rank)
+        self.dtype = runtime.resolve_dtype(cfg.dtype, self.device)
+        runtime.preflight_kernels(cfg.kernels, self.device, cfg.n_embd // cfg.n_head)
+        if cfg.grad_accum % self.dist.world_size:
+            raise ConfigError(
+                f"grad_accum={cfg.grad_accum} must be a multiple of the {self.dist.world_size} "
+                "processes (it counts micro-steps summed over all of them)"
+            )
+        self.accum = cfg.grad_accum // self.dist.world_size
+        self.log = RunLog(cfg.out_dir, is_main=self.dist.is_main)
+        distributed.init(self.dist, self.device)
+        runtime.fast_math(self.device)
+
+        if self.dist.is_main:  # rank 0 prepares the synthetic corpus if it must
+            data_mod.pick_data_dir(cfg.data)
+        distributed.barrier(self.dist)
+        vocab_state = resume["vocab"] if resume is not None else None
+        self.corpus = data_mod.open_corpus(cfg, vocab_state=vocab_state, prepare=False)
+        self.sampler, self.eval_samplers = data_mod.samplers(self.corpus, cfg, rank=self.dist.rank, device=self.device)
+
+        runtime.seed_everything(cfg.seed)  # the same initial weights on every rank
+        self.model = GPT(cfg.model_config(self.corpus.vocab_size)).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.val_loss: float | None = None
+        self.wandb_run_id = None
+        runtime.seed_everything(cfg.seed + self.dist.rank)  # dropout differs per rank
+        if resume is not None:
+            self._restore(resume)
+
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.eval_model = self.train_model
+        self.ddp = None
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.train_model, device_ids=ids)
+            self.train_model = self.ddp
+        self.debug_dir = os.environ.get(DEBUG_DUMP_ENV)
+        self.sync_probe = distributed.GradSyncProbe(self.ddp) if self.debug_dir and self.ddp else None
+        self.batch_hashes: list[str] = []
+        self.saves = 0
+
+        self.num_params = self.model.num_params()
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        self.flops_per_token = flops.gpt_flops_per_token(
+            self.num_params, cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        )
+        self.device_name = runtime.device_name(self.device)
+        self.meter = None
+        self.signals = StopSignals()
+
+    # ------------------------------------------------------------------ state
+
+    def _restore(self, ckpt: dict) -> None:
+        ckpt_io.load_model_state(self.model, ckpt, "the resume checkpoint")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        states = ckpt["rng"]
+        ckpt_io.set_rng_state(states[self.dist.rank] if self.dist.rank < len(states) else states[0])
+        self.step = int(ckpt["step"])
+        self.best_val_loss = ckpt.get("best_val_loss")
+        self.val_loss = ckpt.get("val_loss")
+        self.wandb_run_id = ckpt.get("wandb_run_id")
+
+    def _checkpoint(self, kind: str, rng_states: list | None = None) -> dict:
+        state = {
+            "format_version": ckpt_io.FORMAT_VERSION,
+            "kind": kind,
+            "model": self.model.state_dict(),
+            "model_config": dataclasses.asdict(self.model.config),
+            "train_config": dataclasses.asdict(self.cfg),
+            "vocab": self.corpus.vocab.state_dict() if self.corpus.vocab is not None else None,
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "val_loss": self.val_loss,
+            "num_params": self.num_params,
+        }
+        if kind == "resume":
+            state.update(
+                optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(),
+                rng=rng_states,
+                data_step=self.step * self.accum,
+                world_size=self.dist.world_size,
+                wandb_run_id=self.log.wandb_id or self.wandb_run_id,
+            )
+        return state
+
+    def _gather_rng(self) -> list:
+        """Every rank's RNG state (a collective: all ranks call it at the same step)."""
+        mine = ckpt_io.rng_state()
+        if not self.dist.enabled:
+            return [mine]
+        states = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(states, mine, group=self.dist.flag_group)
+        return states
+
+    def save_resume(self) -> None:
+        rng = self._gather_rng()
+        if self.dist.is_main:
+            ckpt_io.save_atomic(self._checkpoint("resume", rng), Path(self.cfg.out_dir) / "resume.pt")
+            self.saves += 1
+
+    def save_best(self) -> None:
+        if self.dist.is_main:
+            ckpt_io.save_atomic(self._checkpoint("best"), Path(self.cfg.out_dir) / "ckpt.pt")
+            self.saves += 1
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step; returns (mean loss over the micro-steps, on device; lr)."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.sampler.get(self.step * self.accum + micro)
+            if self.debug_dir and self.step == 0:
+                self.batch_hashes.append(hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest())
+            last = micro == self.accum - 1
+            if self.sync_probe is not None:
+                self.sync_probe.where = (self.step, micro)
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with no_sync:
+                with runtime.autocast(self.device, self.dtype):
+                    _, loss = self.train_model(x, y)
+                self.scaler.scale(loss / self.accum).backward()
+            total += loss.detach().float()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / self.accum, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the fixed eval batches of each split (their own streams)."""
+        self.eval_model.eval()
+        out = {}
+        for split, sampler in self.eval_samplers.items():
+            losses = torch.zeros(self.cfg.eval_iters, device=self.device)
+            for i in range(self.cfg.eval_iters):
+                x, y = sampler.get(i)
+                with runtime.autocast(self.device, self.dtype):
+                    losses[i] = self.eval_model(x, y)[1].float()
+            out[split] = losses.mean().item()
+        self.eval_model.train()
+        return out
+
+    def check_finite(self, first_bad: torch.Tensor) -> None:
+        bad_step = int(first_bad.item())
+        if distributed.any_rank(self.dist, bad_step >= 0):
+            where = f"iteration {bad_step}" if bad_step >= 0 else f"an iteration up to {self.step} (on another process)"
+            out = Path(self.cfg.out_dir)
+            kept = [str(out / n) for n in ("ckpt.pt", "resume.pt") if (out / n).is_file()]
+            raise NonFiniteLoss(
+                f"the loss is not finite (NaN or inf) at {where}: stopping without saving. "
+                + (f"The last good checkpoints stay: {', '.join(kept)}. " if kept else "No checkpoint was written yet. ")
+                + "Lower --lr (now {:g}), raise --warmup_iters, or check --grad_clip.".format(self.cfg.lr)
+            )
+
+    def log_interval(self, loss_sum: torch.Tensor, steps: int, lr: float, seconds: float) -> None:
+        loss = (loss_sum / steps).item()
+        tokens_per_s = self.tokens_per_step * steps / seconds
+        flops_per_s = self.flops_per_token * tokens_per_s
+        mfu = flops.mfu(flops_per_s, self.device_name, self.dist.world_size) if self.device.type == "cuda" else None
+        rec = {
+            "step": self.step, "loss": loss, "lr": lr, "ms": 1e3 * seconds / steps,
+            "tokens_per_s": tokens_per_s, "tflops": flops_per_s / 1e12, "mfu": mfu,
+        }
+        lines, metrics = [], None
+        if self.meter is not None:
+            lines, metrics = self.meter.lines(seconds), self.meter.metrics(seconds)
+            self.meter.reset()
+        self.log.train(rec, lines, metrics)
+
+    def eval_and_save(self) -> None:
+        if self.dist.is_main:
+            losses = self.evaluate()
+            self.val_loss = losses["val"]
+            improved = self.best_val_loss is None or self.val_loss < self.best_val_loss
+            if improved:
+                self.best_val_loss = self.val_loss
+            self.log.eval({"step": self.step, "train_loss": losses["train"], "val_loss": self.val_loss,
+                           "best_val_loss": self.best_val_loss})
+            if improved:
+                self.save_best()
+        self.save_resume()
+
+    # ------------------------------------------------------------------ run
+
+    def announce(self) -> None:
+        cfg = self.cfg
+        say = self.log.say
+        say(self.corpus.why)
+        say(f"model: {cfg.name}, {self.num_params:,} parameters ({self.num_params / 1e6:.2f}M), "
+            f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}, "
+            f"vocabulary {self.corpus.vocab_size} (padded to {self.model.config.padded_vocab_size})")
+        dtype = str(self.dtype).removeprefix("torch.")
+        say(f"device: {self.device_name} ({self.device}), {dtype}"
+            f"{' with GradScaler' if self.scaler.is_enabled() else ''}, kernels {cfg.kernels}, "
+            f"compile {'on' if cfg.compile else 'off'}, {self.dist.world_size} process(es)")
+        say(f"batch: {cfg.batch_size} x {cfg.block_size} tokens x {cfg.grad_accum} micro-steps = "
+            f"{self.tokens_per_step:,} tokens per iteration; {cfg.max_iters} iterations")
+        if self.step:
+            say(f"resuming at iteration {self.step} (best val loss {self.best_val_loss})")
+
+    def run(self, *, stop_at: int | None = None) -> TrainResult:
+        cfg = self.cfg
+        self.announce()
+        self.log.open(append=self.step > 0)
+        if cfg.wandb:
+            self.log.start_wandb(project=cfg.wandb_project, name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                 config=dataclasses.asdict(cfg), run_id=self.wandb_run_id)
+        if cfg.meter:
+            from tsfast import meter
+
+            self.meter = meter.enable()
+        self.signals.install()
+        stopped_by = None
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        loss_sum, steps, seconds = torch.zeros((), device=self.device), 0, 0.0
+        start_step, train_seconds, t_start = self.step, 0.0, time.perf_counter()
+        t0 = time.perf_counter()
+        while self.step < cfg.max_iters:
+            loss, lr = self.train_step()
+            self.step += 1
+            loss_sum += loss
+            steps += 1
+            first_bad = torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, self.step)
+            done = self.step == cfg.max_iters
+            if self.step % cfg.log_interval == 0 or done:
+                self.check_finite(first_bad)
+                loss_sum.item()  # wait for the device before reading the clock
+                seconds += time.perf_counter() - t0
+                self.log_interval(loss_sum, steps, lr, seconds)
+                train_seconds += seconds
+                loss_sum, steps, seconds = torch.zeros((), device=self.device), 0, 0.0
+                t0 = time.perf_counter()
+            saved = False
+            if self.step % cfg.eval_interval == 0 or done:
+                self.check_finite(first_bad)
+                seconds += time.perf_counter() - t0  # evaluation is not training time
+                self.eval_and_save()
+                saved = True
+                if self.meter is not None:
+                    self.meter.reset()
+                t0 = time.perf_counter()
+            signum = self.signals.signum
+            if distributed.any_rank(self.dist, signum is not None or self.step == stop_at):
+                self.check_finite(first_bad)
+                stopped_by = signal.Signals(signum).name if signum is not None else "signal on another process"
+                if self.step == stop_at and signum is None:
+                    stopped_by = "stop_at"
+                if not saved:
+                    self.save_resume()
+                self.log.say(f"stopped at iteration {self.step} ({stopped_by}); "
+                             f"continue with --resume (it reads {Path(cfg.out_dir) / 'resume.pt'})")
+                break
+        self.signals.restore()
+        train_seconds += seconds + (time.perf_counter() - t0)
+        self.log.say(
+            f"trained iterations {start_step + 1}-{self.step} in {train_seconds:.1f} s "
+            f"({time.perf_counter() - t_start:.1f} s with evaluation and checkpoints); "
+            f"best val loss {self.best_val_loss}"
+        )
+        sample = None
+        if stopped_by is None and cfg.sample_at_end and self.dist.is_main:
+            sample = self.sample()
+            self.log.say(f"sample after {self.step} iterations:\n{sample}")
+        self.dump_debug()
+        code = 0
+        if stopped_by not in (None, "stop_at"):
+            code = 128 + (self.signals.signum or signal.SIGTERM)
+        return TrainResult(self.step, self.best_val_loss, self.val_loss, stopped_by, code, sample)
+
+    def sample(self, max_new_tokens: int = 200) -> str:
+        from tsfast.data.tokenizer import decode, encode
+        from tsfast.generate import generate
+
+        self.model.eval()
+        ids = generate(self.model, encode(SAMPLE_PROMPT), max_new_tokens=max_new_tokens, temperature=0.8,
+                       top_k=50, seed=self.cfg.seed, vocab=self.corpus.vocab)
+        self.model.train()
+        return SAMPLE_PROMPT + decode(ids)
+
+    def dump_debug(self) -> None:
+        """Test aid ($TSFAST_DEBUG_DUMP): this rank's parameter checksum, first batches,
+        where gradients were all-reduced, and how many checkpoints it wrote."""
+        if not self.debug_dir:
+            return
+        digest = hashlib.sha256()
+        for p in self.model.parameters():
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        record = {
+            "rank": self.dist.rank, "world_size": self.dist.world_size, "step": self.step,
+            "params_sha256": digest.hexdigest(), "first_batches": self.batch_hashes,
+            "grad_syncs": self.sync_probe.calls if self.sync_probe else None,
+            "accum": self.accum, "saves": self.saves,
+        }
+        path = Path(self.debug_dir) / f"rank{self.dist.rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+
+    def close(self) -> None:
+        self.signals.restore()
+        self.log.close()
+        if self.meter is not None:
+            from tsfast import meter
+
+            meter.disable()
+        distributed.shutdown(self.dist)
+
+
+def train(cfg: TrainConfig, *, resume: dict | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train with `cfg` (continuing from the resume checkpoint dict `resume`). `stop_at`: stop
+    after that iteration as a signal would (write resume.pt), e.g. to test resuming."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run(stop_at=stop_at)
+    finally:
+        trainer.close()
