@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from tsfast import ops, reference
-from tsfast.testing import assert_parity, device_for_tests, interpreter_ready, kernel_dtypes, poison_
+from tsfast.testing import (
+    assert_parity,
+    device_for_tests,
+    interpreter_ready,
+    kernel_dtypes,
+    poison_,
+)
 
 pytestmark = pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready()))
 

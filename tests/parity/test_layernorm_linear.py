@@ -26,6 +26,7 @@ CASES = [
     ((1000,), 96, 3 * 96, "gelu_tanh", True, True, FP16, "random"),
     ((1000,), 96, 96, None, False, False, FP32, "random"),
     ((100,), 256, 4 * 256, None, True, True, FP16, "random"),
+    ((3, 7), 100, 50, "gelu_tanh", True, True, FP32, "random"),  # no size a multiple of 16
 ]
 
 

@@ -41,8 +41,6 @@ predictions: no GPU was available; unmeasured.)
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
