@@ -5,8 +5,13 @@ dY and pre tiles load (dPre is never written to memory):
 
     dLN = dPre @ W                (N, F) @ (F, C) -> (N, C), fp32 out, K = F
     dW  = dPre^T @ LN(x)          (F, N) @ (N, C) -> (F, C), K = N, LN recomputed on load
-    db  = sum_rows dPre           the same pass as dW: every dW program sums its dPre tile
-                                  over rows; the programs of the first C column block store it
+    db  = sum_rows dPre           the same pass as dW, as dPre^T @ ones on the tensor cores;
+                                  the programs of the first C column block store it
+
+In dW only the per-row part of LN, xhat = (x - mean) rstd, is recomputed on load; gamma and
+beta are per output column, so the epilogue applies them once:
+dW_fc = sum_i dPre_if (xhat_ic gamma_c + beta_c) = gamma_c (dPre^T xhat)_fc + beta_c db_f.
+Applying them per tile kept two broadcast (K, N) fp32 tiles alive in registers (spills).
 
 The shared Triton helpers (tanh-GELU, its derivative, grouped tile order) live here so that
 the forward module can import them without a circular import.
@@ -168,8 +173,9 @@ def config_label(cfg: triton.Config) -> str:
 
 INTERPRETER_CONFIG = matmul_config(64, 64, 64, 4, 1)  # large tiles: fewer interpreted steps
 
-# Survivors of the static report (sm_80 and sm_90, bf16, 0 spill bytes). Square 128 tiles
-# feed the tensor cores best at gpt2 sizes; the 64-wide ones fill 132 SMs at baby sizes.
+# Survivors of the static report (sm_80 and sm_90, bf16, 0 spill bytes, <= 131 KB shared).
+# Expected (unmeasured): 128x128 tiles suit gpt2 sizes; the 64-wide ones give more programs
+# to fill 108/132 SMs at small N or F. The autotuner picks among them on the GPU.
 DLN_CONFIGS = [
     matmul_config(128, 128, 64, 8, 3),
     matmul_config(128, 64, 64, 4, 4),
