@@ -66,7 +66,13 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
     """(config, resume checkpoint dict or None, lines saying what was chosen and why).
 
     Raises ConfigError / UsageError / CheckpointError for bad input."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        raise ConfigError(
+            f"unknown option {flag!r}; the options are --config, --resume, --set KEY=VALUE and "
+            f"--KEY VALUE for KEY in: {', '.join(overridable_fields())}"
+        )
     overrides: dict[str, str] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
