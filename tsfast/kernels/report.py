@@ -1,0 +1,274 @@
+"""Static GPU report: compile every Triton kernel of tsfast for a GPU target on this machine
+(no GPU needed) and read the resources from the binary, the way a GPU engineer reads a
+profiler's resource report.
+
+    uv run python -m tsfast.kernels.report [--arch sm_80,sm_90] [--json] [--kernel NAME] [--jobs N]
+
+Every module in tsfast/kernels that defines `report_cases() -> list[dict]` is imported; each
+dict is one compilation:
+    {"name": str, "fn": @triton.jit function, "signature": {arg: "*bf16" | "i32" | ...},
+     "constexprs": {name: value}, "num_warps": int, "num_stages": int,
+     "config": str, "shape": "gpt2" | "baby_gpu", "attrs": {(i,): [["tt.divisibility", 16]]}}
+("attrs" is optional). Each case is compiled with triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cc, 32)) for each arch; sm_90 compiles as sm_90a (wgmma), which
+Triton picks for capability 90. Then:
+- registers, stack and local bytes (spills) and static shared memory: `cuobjdump -res-usage`;
+  the dynamic shared memory Triton asks for at launch: the compiled kernel's metadata;
+- tensor-core instructions (HMMA; HGMMA = wgmma on sm_90) and 128-bit global loads
+  (LDG.E.128; LDGSTS...128 = cp.async, what pipelined matmuls use): `cuobjdump -sass`;
+- occupancy: resident warps per SM from the register, shared-memory, warp and block limits
+  of the arch (a kernel that needs more shared memory than a block may have shows 0).
+A case or module that fails shows as an error row. Results are cached per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+# Per-SM limits from the CUDA C Programming Guide's compute-capability table: max resident
+# warps and blocks, 32-bit registers, shared memory per SM and the most one block may use.
+# CUDA reserves 1 KiB of shared memory per resident block; registers go to warps in 256s.
+ARCH_LIMITS = {
+    80: dict(gpu="A100", max_warps=64, max_blocks=32, regs=65536, smem=167936, smem_block=166912),
+    86: dict(gpu="RTX 30xx/A10", max_warps=48, max_blocks=16, regs=65536, smem=102400, smem_block=101376),
+    89: dict(gpu="L4/RTX 40xx", max_warps=48, max_blocks=24, regs=65536, smem=102400, smem_block=101376),
+    90: dict(gpu="H100", max_warps=64, max_blocks=32, regs=65536, smem=233472, smem_block=232448),
+}
+_SMEM_RESERVED_PER_BLOCK = 1024
+_REG_UNIT_PER_WARP = 256
+
+_RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+@dataclass
+class Row:
+    module: str
+    kernel: str
+    config: str
+    shape: str
+    arch: str
+    num_warps: int = 0
+    registers: int = 0
+    stack_bytes: int = 0
+    local_bytes: int = 0
+    spill_bytes: int = 0  # stack + local
+    shared_bytes: int = 0  # static (cuobjdump) + dynamic (Triton's launch request)
+    tensor_cores: str = "-"  # "HMMA", "HGMMA" or "-"
+    ldg128: bool = False
+    ldgsts128: bool = False
+    blocks_per_sm: int = 0
+    warps_per_sm: int = 0
+    occupancy: float = 0.0  # warps_per_sm / max resident warps
+    limiter: str = ""
+    error: str | None = None
+
+
+def parse_arch(text: str) -> int:
+    """"sm_90", "sm_90a" or "90" -> 90."""
+    m = re.fullmatch(r"(?:sm_)?(\d+)a?", text.strip().lower())
+    if not m or int(m.group(1)) not in ARCH_LIMITS:
+        known = ", ".join(f"sm_{cc}" for cc in ARCH_LIMITS)
+        raise ValueError(f"unknown arch {text!r}: choose from {known} (sm_90a is sm_90)")
+    return int(m.group(1))
+
+
+def _tool(name: str) -> str:
+    from triton import knobs
+
+    return getattr(knobs.nvidia, name).path
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, cc: int) -> tuple[int, str]:
+    """(resident blocks per SM, the limit that binds) for one block of `num_warps` warps."""
+    lim = ARCH_LIMITS[cc]
+    if shared_bytes > lim["smem_block"]:
+        return 0, f"smem>{lim['smem_block']}"
+    regs_per_warp = -(-max(registers, 1) * 32 // _REG_UNIT_PER_WARP) * _REG_UNIT_PER_WARP
+    limits = {
+        "warps": lim["max_warps"] // num_warps,
+        "blocks": lim["max_blocks"],
+        "regs": (lim["regs"] // regs_per_warp) // num_warps,
+        "smem": lim["smem"] // (shared_bytes + _SMEM_RESERVED_PER_BLOCK),
+    }
+    binding = min(limits, key=limits.get)
+    return limits[binding], binding
+
+
+def _read_cubin(cubin: bytes) -> tuple[dict, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True)
+    m = _RES_USAGE.search(res.stdout)
+    if not m:
+        raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{res.stdout}")
+    usage = dict(zip(("registers", "stack", "shared", "local"), map(int, m.groups()), strict=True))
+    return usage, sass.stdout
+
+
+def _jit_function(fn):
+    """The JITFunction under @autotune / @heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction) and type(fn).__name__ in ("Autotuner", "Heuristics"):
+        fn = fn.fn
+    if not isinstance(fn, JITFunction):
+        why = (" (it was defined under TRITON_INTERPRET=1: run the report in a process without it)"
+               if type(fn).__name__ == "InterpretedFunction" else "")
+        raise TypeError(f"{type(fn).__name__} is not a @triton.jit function{why}")
+    return fn
+
+
+def compile_case(case: dict, cc: int, module: str = "") -> Row:
+    """Compile one case for compute capability `cc` and read its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = Row(module=module, kernel=case.get("name", "?"), config=case.get("config", ""),
+              shape=case.get("shape", ""), arch=f"sm_{cc}", num_warps=case.get("num_warps", 4))
+    try:
+        fn = _jit_function(case["fn"])
+        src = ASTSource(fn=fn, signature=case["signature"], constexprs=case.get("constexprs"),
+                        attrs=case.get("attrs"))
+        options = {"num_warps": row.num_warps, "num_stages": case.get("num_stages", 3)}
+        kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+        usage, sass = _read_cubin(kernel.asm["cubin"])
+    except Exception as e:  # shown as an error row: one broken case must not hide the rest
+        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        return row
+    row.registers = usage["registers"]
+    row.stack_bytes, row.local_bytes = usage["stack"], usage["local"]
+    row.spill_bytes = usage["stack"] + usage["local"]
+    row.shared_bytes = usage["shared"] + int(kernel.metadata.shared)
+    row.tensor_cores = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "-"
+    row.ldg128 = re.search(r"\bLDG\.E[.\w]*\.128\b", sass) is not None
+    row.ldgsts128 = re.search(r"\bLDGSTS\.E[.\w]*\.128\b", sass) is not None
+    row.blocks_per_sm, row.limiter = occupancy(row.registers, row.shared_bytes, row.num_warps, cc)
+    row.warps_per_sm = row.blocks_per_sm * row.num_warps
+    row.occupancy = row.warps_per_sm / ARCH_LIMITS[cc]["max_warps"]
+    return row
+
+
+def discover(kernel: str | None = None) -> tuple[list[tuple[str, dict]], list[Row]]:
+    """(module name, case) for every report case in tsfast.kernels, and error rows for the
+    modules that fail to import or to list their cases. `kernel` keeps the cases whose
+    module or case name starts with it."""
+    import tsfast.kernels as package
+
+    cases, errors = [], []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name == "report":
+            continue
+        name = f"{package.__name__}.{info.name}"
+        try:
+            mod = importlib.import_module(name)
+            listed = mod.report_cases() if hasattr(mod, "report_cases") else []
+        except Exception as e:
+            if kernel is None or info.name.startswith(kernel):
+                errors.append(Row(module=info.name, kernel=info.name, config="", shape="", arch="",
+                                  error=f"{type(e).__name__}: {e}"[:300]))
+            continue
+        for case in listed:
+            if kernel is None or info.name.startswith(kernel) or case.get("name", "").startswith(kernel):
+                cases.append((info.name, case))
+    return cases, errors
+
+
+_cache: dict[tuple, Row] = {}
+_tasks: list[tuple[str, dict, int]] = []  # read by forked workers
+
+
+def _cache_key(module: str, case: dict, cc: int) -> tuple:
+    return (module, id(case["fn"]), case.get("name"), case.get("config"), case.get("shape"),
+            repr(sorted(case["signature"].items())), repr(sorted((case.get("constexprs") or {}).items())),
+            repr(case.get("attrs")), case.get("num_warps"), case.get("num_stages"), cc)
+
+
+def _compile_task(i: int) -> dict:
+    module, case, cc = _tasks[i]
+    return asdict(compile_case(case, cc, module))
+
+
+def collect(cases: list[tuple[str, dict]], archs: list[int], jobs: int = 1) -> list[Row]:
+    """Compile every (case, arch), `jobs` at a time (forked workers), reusing this process's
+    earlier results."""
+    global _tasks
+    todo = [(m, c, cc) for m, c in cases for cc in archs if _cache_key(m, c, cc) not in _cache]
+    if jobs > 1 and len(todo) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        _tasks = todo
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(todo))) as pool:
+            done = [Row(**d) for d in pool.map(_compile_task, range(len(todo)))]
+        _tasks = []
+    else:
+        done = [compile_case(c, cc, m) for m, c, cc in todo]
+    for (m, c, cc), row in zip(todo, done, strict=True):
+        _cache[_cache_key(m, c, cc)] = row
+    return [_cache[_cache_key(m, c, cc)] for m, c in cases for cc in archs]
+
+
+_COLUMNS = [("kernel", 22), ("config", 24), ("shape", 8), ("arch", 5), ("regs", 4), ("spill B", 7),
+            ("smem B", 7), ("TC", 5), ("LDG.128", 7), ("LDGSTS.128", 10), ("warps/SM", 8), ("limit", 9)]
+
+
+def format_table(rows: list[Row]) -> str:
+    header = "  ".join(f"{name:<{w}}" for name, w in _COLUMNS)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        head = [r.kernel, r.config, r.shape, r.arch]
+        if r.error:
+            lines.append("  ".join(f"{v:<{w}}" for v, (_, w) in zip(head, _COLUMNS, strict=False)) + f"  ERROR {r.error}")
+            continue
+        cells = head + [r.registers, r.spill_bytes, r.shared_bytes, r.tensor_cores,
+                        "yes" if r.ldg128 else "-", "yes" if r.ldgsts128 else "-",
+                        f"{r.warps_per_sm} ({r.occupancy:.0%})", r.limiter]
+        lines.append("  ".join(f"{v!s:<{w}}" for v, (_, w) in zip(cells, _COLUMNS, strict=True)))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tsfast.kernels.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--kernel", default=None, help="only modules or cases whose name starts with this")
+    ap.add_argument("--list", action="store_true", help="list the cases without compiling")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
+    args = ap.parse_args(argv)
+    try:
+        archs = [parse_arch(a) for a in args.arch.split(",") if a.strip()]
+    except ValueError as e:
+        ap.error(str(e))
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cases, errors = discover(args.kernel)
+    if not cases and not errors:
+        print(f"no report cases found{f' for {args.kernel!r}' if args.kernel else ''}", file=sys.stderr)
+        return 1
+    if args.list:
+        for module, case in cases:
+            print(f"{module:<16} {case.get('name', '?'):<28} {case.get('config', ''):<28} {case.get('shape', '')}")
+        for row in errors:
+            print(f"{row.module:<16} ERROR {row.error}")
+        return 1 if errors else 0
+    rows = errors + collect(cases, archs, jobs=args.jobs)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=1))
+    else:
+        print(format_table(rows))
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    # The interpreter replaces @triton.jit functions with ones that cannot be compiled.
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.exit(main())
