@@ -1,0 +1,292 @@
+"""Gradio demo: type the start of a story and watch a trained model continue it.
+
+    uv run demo.py [--ckpt out/ckpt.pt] [--device auto] [--host 127.0.0.1] [--port 7870] [--share]
+
+The page streams the story token by token and ends with a status line: tokens/s and the
+model's name, size and validation loss. Without a checkpoint the page still comes up and
+shows the command that trains one (`uv run train.py`); Generate tries to load it again, so
+a model trained while the demo runs is picked up.
+
+Users are queued: one generation runs at a time and each has its own cache and random
+generator, so stories never mix. Bad input never breaks the server: an empty prompt, a value
+out of a control's range (possible through the API), or a missing/incompatible checkpoint
+gives a message in the status line. A prompt longer than the context is cut from the left
+(the model sees its newest tokens) and the status line says so. Typed `<|endoftext|>`,
+emoji and other scripts are ordinary text; tokens a compact-vocabulary model never saw are
+reported and shown to it as its one unknown token.
+
+API (gradio_client): `Client(url).predict(prompt, max_new_tokens, temperature, top_k, top_p,
+seed, api_name="/generate")` returns (story, status); `submit(...)` streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+DEFAULT_PORT = 7870
+TRAIN_COMMAND = "uv run train.py"
+MAX_PROMPT_CHARS = 20_000
+EXAMPLES = [
+    "Once upon a time",
+    "One day, a little girl named Lily found a",
+    "Tom and his dog went to the park. They",
+    "The sun was shining and the birds were singing. Sam wanted to",
+]
+log = logging.getLogger("tsfast.demo")
+
+
+class Slider(gr.Slider):
+    """A slider whose value reaches the handler as sent: the handler checks the range and
+    names the control (Gradio's own check says only "Value 900 is greater than ...")."""
+
+    is_template = True  # rendered as an ordinary slider
+
+    def preprocess(self, payload):
+        return payload
+
+
+class Number(gr.Number):
+    """A number field passed through unchecked, for the same reason as `Slider`."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+
+
+@dataclass(frozen=True)
+class Control:
+    label: str
+    low: float
+    high: float
+    whole: bool  # whole numbers only
+
+    def read(self, value):
+        """The value as int/float, or ValueError naming this control and its range."""
+        span = f"from {self.low} to {self.high}"
+        kind = "a whole number" if self.whole else "a number"
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and self.whole:
+            ok = float(value).is_integer()
+        if not ok or not self.low <= value <= self.high:
+            shown = repr(value)[:40]
+            raise ValueError(f"{self.label} must be {kind} {span}; got {shown}.")
+        return int(value) if self.whole else float(value)
+
+
+MAX_TOKENS = Control("Max New Tokens", 10, 500, True)
+TEMPERATURE = Control("Temperature", 0.1, 2.0, False)
+TOP_K = Control("Top-k", 0, 500, True)
+TOP_P = Control("Top-p", 0.05, 1.0, False)
+SEED = Control("Seed", -1, 2_147_483_647, True)
+
+
+def read_prompt(prompt) -> str:
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise ValueError(f"The prompt must be text; got {type(prompt).__name__}.")
+    if not prompt.strip():
+        raise ValueError('The prompt is empty: type the beginning of a story, e.g. "Once upon a time".')
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"The prompt has {len(prompt):,} characters; the demo takes at most {MAX_PROMPT_CHARS:,} "
+            "(and the model reads only the last part of a long prompt anyway)."
+        )
+    return prompt
+
+
+class StoryTeller:
+    """Holds the model (loaded lazily, retried until it loads) and streams stories."""
+
+    def __init__(self, ckpt: str | Path, device: str = "auto"):
+        self.ckpt = str(ckpt)
+        self.device = device
+        self._lock = threading.Lock()
+        self.loaded = None
+        self.error: str | None = None
+
+    def load(self):
+        """The LoadedModel, or None with `self.error` set to why not."""
+        from tsfast.train.checkpoint import CheckpointError, load_for_inference
+
+        with self._lock:
+            if self.loaded is None:
+                try:
+                    self.loaded = load_for_inference(self.ckpt, device=self.device)
+                    self.error = None
+                except (CheckpointError, ValueError, OSError) as e:
+                    self.error = str(e)
+            return self.loaded
+
+    def missing_model_markdown(self) -> str:
+        return (
+            f"**No model to run.** {self.error}\n\n"
+            f"Train one (the `tiny` preset takes a few minutes on a CPU):\n\n"
+            f"```\n{TRAIN_COMMAND}\n```\n\n"
+            f"then press Generate again, or restart with `uv run demo.py --ckpt PATH`."
+        )
+
+    def model_line(self) -> str:
+        m = self.loaded
+        val = f"val loss {m.val_loss:.3f}" if m.val_loss is not None else "no val loss yet"
+        device = next(m.model.parameters()).device
+        return f"model **{m.name}** · {m.num_params / 1e6:.2f}M parameters · {val} (step {m.step}) · {device.type}"
+
+    def info(self) -> str:
+        """The line under the title: the model, or what to do without one."""
+        if self.load() is None:
+            return self.missing_model_markdown()
+        m = self.loaded
+        vocab = f"compact vocabulary of {m.vocab.size} tokens" if m.vocab is not None else "GPT-2 vocabulary"
+        return f"{self.model_line()} · {vocab} · context {m.model.config.block_size} tokens"
+
+    def prompt_notes(self, ids: list[int]) -> list[str]:
+        m = self.loaded
+        notes = []
+        block = m.model.config.block_size
+        if len(ids) > block:
+            keep = block - max(1, block // 4)
+            notes.append(f"the prompt has {len(ids)} tokens; the context holds {block}, so the model saw only its last {keep}")
+        if m.vocab is not None:
+            unknown = sum(int(c) == m.vocab.unk_id for c in m.vocab.to_compact(ids))
+            if unknown:
+                notes.append(f"{unknown} prompt token(s) are not in this model's vocabulary and were read as 'unknown'")
+        return notes
+
+    def stream(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        """Yield (story so far, status line) after every token."""
+        try:
+            prompt = read_prompt(prompt)
+            settings = {
+                "max_new_tokens": MAX_TOKENS.read(max_new_tokens),
+                "temperature": TEMPERATURE.read(temperature),
+                "top_k": TOP_K.read(top_k),
+                "top_p": TOP_P.read(top_p),
+            }
+            seed = SEED.read(-1 if seed is None or seed == "" else seed)
+        except ValueError as e:
+            yield "", f"⚠️ {e}"
+            return
+        if self.load() is None:
+            yield "", self.missing_model_markdown()
+            return
+        yield from self._generate(prompt, settings, None if seed < 0 else seed)
+
+    def _generate(self, prompt: str, settings: dict, seed: int | None):
+        from tsfast.data.tokenizer import encode
+        from tsfast.generate import IncrementalDetokenizer, iter_tokens
+
+        m = self.loaded
+        ids = encode(prompt)
+        notes = self.prompt_notes(ids)
+        story, count, detok = prompt, 0, IncrementalDetokenizer()
+        start = time.perf_counter()
+        try:
+            for token in iter_tokens(m.model, ids, seed=seed, vocab=m.vocab, **settings):
+                count += 1
+                story += detok.push(token)
+                rate = count / (time.perf_counter() - start)
+                yield story, f"Generating… {count} tokens · {rate:.1f} tokens/s"
+            story += detok.flush()
+        except Exception as e:  # keep serving; the console gets the traceback
+            log.exception("generation failed")
+            yield story, f"⚠️ Generation failed ({type(e).__name__}: {e}). The server is still running."
+            return
+        elapsed = time.perf_counter() - start
+        ended = "reached Max New Tokens" if count >= settings["max_new_tokens"] else "the story ended"
+        status = (
+            f"{count} tokens in {elapsed:.2f} s · **{count / elapsed:.1f} tokens/s** · {ended} · {self.model_line()}"
+        )
+        if notes:
+            status += "\n\nNote: " + "; ".join(notes) + "."
+        yield story, status
+
+
+def stopped(status: str) -> str:
+    if status and status.startswith("Generating"):
+        return status.replace("Generating…", "Stopped after", 1)
+    return status
+
+
+def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto") -> gr.Blocks:
+    """The demo's page (not launched)."""
+    teller = StoryTeller(ckpt, device)
+    with gr.Blocks(title="tsfast · TinyStories") as app:
+        gr.Markdown("# TinyStories, continued by a small GPT\nType the start of a story and press **Generate**.")
+        info = gr.Markdown(teller.info(), elem_id="model-info")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=3, elem_id="prompt")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                story = gr.Textbox(label="Story", lines=14, interactive=False, elem_id="story")
+                status = gr.Markdown(label="Status", elem_id="status")
+            with gr.Column(scale=1):
+                max_tokens = Slider(10, 500, value=200, step=1, label=MAX_TOKENS.label)
+                temperature = Slider(0.1, 2.0, value=0.8, step=0.05, label=TEMPERATURE.label)
+                top_k = Slider(0, 500, value=200, step=1, label=TOP_K.label, info="0 = off")
+                top_p = Slider(0.05, 1.0, value=1.0, step=0.05, label=TOP_P.label, info="1 = off")
+                seed = Number(value=-1, precision=0, label=SEED.label, info="-1 = a new random story each time")
+        gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+        event = go.click(
+            teller.stream,
+            inputs=[prompt, max_tokens, temperature, top_k, top_p, seed],
+            outputs=[story, status],
+            api_name="generate",
+            concurrency_limit=1,
+        )
+        stop.click(stopped, inputs=[status], outputs=[status], cancels=[event], api_name=False)
+        app.load(teller.info, outputs=[info], api_name=False)
+    return app
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Gradio demo of a tsfast checkpoint.")
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, mps or cpu (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 for the network (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
+    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link (off by default)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from tsfast.train.runtime import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not 1 <= args.port <= 65535:
+        print(f"error: --port must be from 1 to 65535, got {args.port}", file=sys.stderr)
+        return 2
+    app = build_app(args.ckpt, args.device)
+    try:
+        app.queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share)
+    except OSError as e:
+        print(f"error: cannot serve on {args.host}:{args.port} ({e}); pick another with --port", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""demo.py through gradio_client: the streaming endpoint, queueing, and every bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+import requests
+import torch
+from gradio_client import Client
+from trained_checkpoint import REPO, trained_ckpt  # noqa: F401  (fixture)
+
+GOOD = {"max_new_tokens": 20, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def demo_mod():
+    spec = importlib.util.spec_from_file_location("demo_app", REPO / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # gradio looks up the source file of component classes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(demo_mod, ckpt):
+    app = demo_mod.build_app(ckpt, device="cpu")
+    port = free_port()
+    app.queue(max_size=16).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False), f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
+
+
+def ask(client, prompt="Once upon a time", **changes):
+    options = GOOD | changes
+    return client.predict(prompt, options["max_new_tokens"], options["temperature"], options["top_k"],
+                          options["top_p"], options["seed"], api_name="/generate")
+
+
+def page_info(url: str) -> str:
+    config = requests.get(url + "config", timeout=30).json()
+    return next(c["props"]["value"] for c in config["components"] if c.get("props", {}).get("elem_id") == "model-info")
+
+
+@pytest.fixture(scope="module")
+def server(demo_mod, trained_ckpt):  # noqa: F811
+    with serving(demo_mod, trained_ckpt) as both:
+        yield both
+
+
+FINAL = re.compile(r"^(\d+) tokens in [\d.]+ s · \*\*([\d.]+) tokens/s\*\* · (reached Max New Tokens|the story ended) · "
+                   r"model \*\*tiny\*\* · [\d.]+M parameters · val loss [\d.]+ \(step \d+\) · cpu")
+
+
+def test_streams_token_by_token(server):
+    client, url = server
+    assert "model **tiny**" in page_info(url) and "context 128 tokens" in page_info(url)
+    job = client.submit("Once upon a time", 30, 0.8, 200, 1.0, random.randint(0, 10**6), api_name="/generate")
+    story, status = job.result(timeout=120)
+    outputs = job.outputs()
+    final = FINAL.match(status)
+    assert final, status
+    tokens = int(final.group(1))
+    assert 1 <= tokens <= 30 and float(final.group(2)) > 0
+    streamed = [o for o in outputs if o[1].startswith("Generating")]
+    assert len(streamed) >= min(tokens, 3)
+    texts = [o[0] for o in outputs]
+    assert all(a == b[: len(a)] for a, b in zip(texts, texts[1:], strict=False))  # each extends the last
+    assert texts[0].startswith("Once upon a time") and story == texts[-1] and len(story) > len("Once upon a time")
+    counts = [int(re.match(r"Generating… (\d+) tokens", s).group(1)) for _, s in streamed]
+    assert counts == list(range(1, len(counts) + 1))
+
+
+def test_same_seed_same_story_and_users_never_mix(server):
+    client, _ = server
+    seeds = random.sample(range(10**6), 2)
+    alone = [ask(client, seed=s, max_new_tokens=25)[0] for s in seeds]
+    assert ask(client, seed=seeds[0], max_new_tokens=25)[0] == alone[0]
+    assert alone[0] != alone[1]
+    jobs = [client.submit("Once upon a time", 25, 0.8, 200, 1.0, s, api_name="/generate") for s in seeds * 2]
+    assert [j.result(timeout=120)[0] for j in jobs] == alone * 2
+
+
+@pytest.mark.parametrize(
+    "prompt, changes, message",
+    [
+        ("", {}, "The prompt is empty"),
+        ("   \n ", {}, "The prompt is empty"),
+        ("x" * 20_001, {}, "at most 20,000"),
+        ("Hi", {"max_new_tokens": 9}, "Max New Tokens must be a whole number from 10 to 500; got 9"),
+        ("Hi", {"max_new_tokens": 501}, "Max New Tokens must be a whole number from 10 to 500"),
+        ("Hi", {"max_new_tokens": 20.5}, "Max New Tokens must be a whole number"),
+        ("Hi", {"temperature": 0.0}, r"Temperature must be a number from 0\.1 to 2\.0; got 0\.0"),
+        ("Hi", {"temperature": 2.5}, "Temperature must be a number from 0.1 to 2.0"),
+        ("Hi", {"temperature": "hot"}, "Temperature must be a number .* got 'hot'"),
+        ("Hi", {"top_k": -1}, "Top-k must be a whole number from 0 to 500"),
+        ("Hi", {"top_k": 501}, "Top-k must be a whole number from 0 to 500"),
+        ("Hi", {"top_p": 0.0}, r"Top-p must be a number from 0\.05 to 1\.0"),
+        ("Hi", {"top_p": 1.2}, r"Top-p must be a number from 0\.05 to 1\.0"),
+        ("Hi", {"seed": 1.5}, "Seed must be a whole number from -1 to 2147483647"),
+        ("Hi", {"seed": -2}, "Seed must be a whole number from -1"),
+    ],
+)
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(server, prompt, changes, message):
+    client, _ = server
+    story, status = ask(client, prompt, **changes)
+    assert story == "" and status.startswith("⚠️") and re.search(message, status), status
+    assert FINAL.match(ask(client, max_new_tokens=10)[1])
+
+
+def test_typed_text_of_every_kind(server):
+    client, _ = server
+    prompt = random.choice(["Lily 🐶 said こんにちは to Tom", "Мама <|endoftext|> 🙂 and the"])
+    story, status = ask(client, prompt)
+    assert story.startswith(prompt) and FINAL.match(status)
+    assert "not in this model's vocabulary" in status
+
+
+def test_prompt_longer_than_the_context_is_cut_from_the_left(server):
+    client, _ = server
+    prompt = "Tom had a red ball. " * 40
+    story, status = ask(client, prompt, max_new_tokens=10)
+    assert story.startswith(prompt) and FINAL.match(status)
+    assert re.search(r"the prompt has \d+ tokens; the context holds 128, so the model saw only its last 96", status)
+
+
+def test_missing_checkpoint_page_and_late_training(demo_mod, trained_ckpt, tmp_path):  # noqa: F811
+    path = tmp_path / "out" / "ckpt.pt"
+    with serving(demo_mod, path) as (client, url):
+        info = page_info(url)
+        assert "No model to run" in info and "uv run train.py" in info and str(path) in info
+        story, status = ask(client)
+        assert story == "" and "uv run train.py" in status
+        path.parent.mkdir()
+        shutil.copy(trained_ckpt, path)  # trained while the demo runs: the next click loads it
+        assert FINAL.match(ask(client)[1])
+
+
+def test_incompatible_checkpoints(demo_mod, trained_ckpt, tmp_path):  # noqa: F811
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(random.randbytes(2000))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    mismatched = tmp_path / "mismatched.pt"
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    ckpt["model_config"] = dict(ckpt["model_config"], n_embd=2 * ckpt["model_config"]["n_embd"])
+    torch.save(ckpt, mismatched)
+    expected = {junk: "not a readable checkpoint", other: "not a tsfast checkpoint", mismatched: "does not fit"}
+    for path, message in expected.items():
+        with serving(demo_mod, path) as (client, url):
+            assert message in page_info(url)
+            story, status = ask(client)
+            assert story == "" and message in status and "uv run train.py" in status
+
+
+def test_stop_cancels_a_running_generation(server, monkeypatch):
+    import tsfast.generate
+
+    produced = []
+    real = tsfast.generate.iter_tokens
+
+    def counting(*args, **kwargs):
+        for token in real(*args, **kwargs, eos_id=None):  # no early end: only Stop ends it
+            produced.append(token)
+            yield token
+
+    monkeypatch.setattr(tsfast.generate, "iter_tokens", counting)
+    client, _ = server
+    job = client.submit("Once upon a time", 500, 0.8, 200, 1.0, 3, api_name="/generate")
+    while len(produced) < 3 and not job.done():
+        time.sleep(0.02)
+    job.cancel()
+    time.sleep(1.0)
+    settled = len(produced)
+    time.sleep(1.0)
+    assert 3 <= settled == len(produced) < 500  # the server stopped generating
+    assert FINAL.match(ask(client, max_new_tokens=10)[1])  # and serves the next request
+
+
+def test_command_line_errors(demo_mod, capsys):
+    assert demo_mod.main(["--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    assert demo_mod.main(["--port", "70000"]) == 2
+    assert "--port must be from 1 to 65535" in capsys.readouterr().err
