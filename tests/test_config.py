@@ -2,7 +2,14 @@
 
 import pytest
 
-from tsfast.config import PRESETS, ConfigError, GPTConfig, apply_overrides, overridable_fields, preset
+from tsfast.config import (
+    PRESETS,
+    ConfigError,
+    GPTConfig,
+    apply_overrides,
+    overridable_fields,
+    preset,
+)
 from tsfast.model import GPT
 
 

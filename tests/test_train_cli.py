@@ -5,7 +5,15 @@ import sys
 
 import pytest
 import torch
-from train_helpers import TRAIN_PY, child_env, corpus, one_thread, small_args, small_config, snapshot  # noqa: F401
+from train_helpers import (  # noqa: F401
+    TRAIN_PY,
+    child_env,
+    corpus,
+    one_thread,
+    small_args,
+    small_config,
+    snapshot,
+)
 
 from tsfast.train.cli import main, parse
 from tsfast.train.loop import train

@@ -52,7 +52,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     lrs = [lr_at(s, cfg) for s in range(cfg.max_iters + 1)]
     assert lrs[0] < lrs[cfg.warmup_iters - 1] < cfg.lr
     assert lrs[cfg.warmup_iters] == pytest.approx(cfg.lr)
-    assert all(a >= b for a, b in zip(lrs[cfg.warmup_iters :], lrs[cfg.warmup_iters + 1 :]))
+    assert all(a >= b for a, b in zip(lrs[cfg.warmup_iters :], lrs[cfg.warmup_iters + 1 :], strict=False))
     assert lrs[-1] == pytest.approx(cfg.min_lr)
 
 

@@ -17,7 +17,15 @@ import os
 import sys
 from pathlib import Path
 
-from tsfast.config import GPU_PRESETS, PRESETS, ConfigError, TrainConfig, apply_overrides, overridable_fields, preset
+from tsfast.config import (
+    GPU_PRESETS,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    overridable_fields,
+    preset,
+)
 
 EXIT_NONFINITE = 1
 EXIT_BAD_INPUT = 2

@@ -261,7 +261,7 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the loss is not finite (NaN or inf) at {where}: stopping without saving. "
                 + (f"The last good checkpoints stay: {', '.join(kept)}. " if kept else "No checkpoint was written yet. ")
-                + "Lower --lr (now {:g}), raise --warmup_iters, or check --grad_clip.".format(self.cfg.lr)
+                + f"Lower --lr (now {self.cfg.lr:g}), raise --warmup_iters, or check --grad_clip."
             )
 
     def log_interval(self, loss_sum: torch.Tensor, steps: int, lr: float, seconds: float) -> None:
