@@ -171,3 +171,13 @@ def test_different_seeds_draw_different_batches(corpus, tmp_path):  # noqa: F811
     train(small_config(corpus, tmp_path / "a", max_iters=2, eval_interval=2, seed=int(np.random.randint(1, 1000))))
     train(small_config(corpus, tmp_path / "b", max_iters=2, eval_interval=2, seed=1000 + int(np.random.randint(1, 1000))))
     assert read_metrics(tmp_path / "a")[0]["loss"] != read_metrics(tmp_path / "b")[0]["loss"]
+
+
+def test_meter_prints_per_kernel_lines(corpus, tmp_path, capsys):  # noqa: F811
+    from tsfast import meter
+
+    train(small_config(corpus, tmp_path, max_iters=2, log_interval=2, eval_interval=2, meter=True))
+    out = capsys.readouterr().out
+    for op in ("rope_attention", "layernorm_linear", "layer_norm", "linear_cross_entropy"):
+        assert f"    {op}" in out and "% of step" in out
+    assert meter.active() is None  # switched off again at the end of the run
