@@ -2,7 +2,8 @@
 (no GPU needed) and read the resources from the binary, the way a GPU engineer reads a
 profiler's resource report.
 
-    uv run python -m tsfast.kernels.report [--arch sm_80,sm_90] [--json] [--kernel NAME] [--jobs N]
+    uv run python -m tsfast.kernels.report [--arch sm_80,sm_90] [--json] [--kernel NAME]
+                                           [--module M] [--dump DIR] [--list] [--jobs N]
 
 Every module in tsfast/kernels that defines `report_cases() -> list[dict]` is imported; each
 dict is one compilation:
@@ -19,12 +20,17 @@ Triton picks for capability 90. Then:
 - occupancy: resident warps per SM from the register, shared-memory, warp and block limits
   of the arch (a kernel that needs more shared memory than a block may have shows 0).
 A case or module that fails shows as an error row. Results are cached per process.
+
+Compiling needs a process that imported Triton without TRITON_INTERPRET=1 (under the
+interpreter even triton.language's own helpers are interpreter functions), so the CLI drops
+that variable; tests run the report in a subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -130,8 +136,9 @@ def _jit_function(fn):
     return fn
 
 
-def compile_case(case: dict, cc: int, module: str = "") -> Row:
-    """Compile one case for compute capability `cc` and read its resources."""
+def compile_case(case: dict, cc: int, module: str = "", dump_dir: str | None = None) -> Row:
+    """Compile one case for compute capability `cc` and read its resources; with `dump_dir`,
+    also write the cubin there."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -146,8 +153,12 @@ def compile_case(case: dict, cc: int, module: str = "") -> Row:
         kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
         usage, sass = _read_cubin(kernel.asm["cubin"])
     except Exception as e:  # shown as an error row: one broken case must not hide the rest
-        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        row.error = _one_line(e)
         return row
+    if dump_dir:
+        name = re.sub(r"[^\w.-]+", "_", f"{module}-{row.kernel}-{row.config}-{row.shape}-{row.arch}")
+        with open(os.path.join(dump_dir, name + ".cubin"), "wb") as f:
+            f.write(kernel.asm["cubin"])
     row.registers = usage["registers"]
     row.stack_bytes, row.local_bytes = usage["stack"], usage["local"]
     row.spill_bytes = usage["stack"] + usage["local"]
@@ -161,33 +172,53 @@ def compile_case(case: dict, cc: int, module: str = "") -> Row:
     return row
 
 
-def discover(kernel: str | None = None) -> tuple[list[tuple[str, dict]], list[Row]]:
-    """(module name, case) for every report case in tsfast.kernels, and error rows for the
-    modules that fail to import or to list their cases. `kernel` keeps the cases whose
-    module or case name starts with it."""
-    import tsfast.kernels as package
+def _import(module: str):
+    """A module by dotted name, or by the path of a .py file."""
+    if not module.endswith(".py"):
+        return importlib.import_module(module)
+    spec = importlib.util.spec_from_file_location(os.path.basename(module)[:-3], module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
+
+def discover(kernel: str | None = None, modules: list[str] | None = None):
+    """(module name, case) for every report case of `modules` (default: every module of
+    tsfast.kernels), and error rows for the modules that fail to import or to list their
+    cases. `kernel` keeps the cases whose module or case name starts with it."""
+    if modules is None:
+        import tsfast.kernels as package
+
+        modules = [f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+                   if info.name != "report"]
     cases, errors = [], []
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name == "report":
-            continue
-        name = f"{package.__name__}.{info.name}"
+    for module in modules:
+        short = os.path.basename(module)[:-3] if module.endswith(".py") else module.rsplit(".", 1)[-1]
         try:
-            mod = importlib.import_module(name)
+            mod = _import(module)
             listed = mod.report_cases() if hasattr(mod, "report_cases") else []
         except Exception as e:
-            if kernel is None or info.name.startswith(kernel):
-                errors.append(Row(module=info.name, kernel=info.name, config="", shape="", arch="",
-                                  error=f"{type(e).__name__}: {e}"[:300]))
+            if kernel is None or short.startswith(kernel):
+                errors.append(Row(module=short, kernel=short, config="", shape="", arch="",
+                                  error=_one_line(e)))
             continue
         for case in listed:
-            if kernel is None or info.name.startswith(kernel) or case.get("name", "").startswith(kernel):
-                cases.append((info.name, case))
+            if kernel is None or short.startswith(kernel) or case.get("name", "").startswith(kernel):
+                cases.append((short, case))
     return cases, errors
+
+
+def _one_line(e: Exception) -> str:
+    """The exception's type and its most telling line (Triton puts the source position
+    first and the message last)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip() and set(ln.strip()) != {"^"}]
+    text = lines[0] if len(lines) <= 1 else f"{lines[0]} {lines[-1]}"
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 _cache: dict[tuple, Row] = {}
 _tasks: list[tuple[str, dict, int]] = []  # read by forked workers
+_dump_dir: str | None = None
 
 
 def _cache_key(module: str, case: dict, cc: int) -> tuple:
@@ -198,21 +229,23 @@ def _cache_key(module: str, case: dict, cc: int) -> tuple:
 
 def _compile_task(i: int) -> dict:
     module, case, cc = _tasks[i]
-    return asdict(compile_case(case, cc, module))
+    return asdict(compile_case(case, cc, module, _dump_dir))
 
 
-def collect(cases: list[tuple[str, dict]], archs: list[int], jobs: int = 1) -> list[Row]:
+def collect(cases: list[tuple[str, dict]], archs: list[int], jobs: int = 1,
+            dump_dir: str | None = None) -> list[Row]:
     """Compile every (case, arch), `jobs` at a time (forked workers), reusing this process's
-    earlier results."""
-    global _tasks
-    todo = [(m, c, cc) for m, c in cases for cc in archs if _cache_key(m, c, cc) not in _cache]
+    earlier results (except when dumping cubins)."""
+    global _tasks, _dump_dir
+    todo = [(m, c, cc) for m, c in cases for cc in archs if dump_dir or _cache_key(m, c, cc) not in _cache]
+    _dump_dir = dump_dir
     if jobs > 1 and len(todo) > 1 and "fork" in multiprocessing.get_all_start_methods():
         _tasks = todo
         with multiprocessing.get_context("fork").Pool(min(jobs, len(todo))) as pool:
             done = [Row(**d) for d in pool.map(_compile_task, range(len(todo)))]
         _tasks = []
     else:
-        done = [compile_case(c, cc, m) for m, c, cc in todo]
+        done = [compile_case(c, cc, m, dump_dir) for m, c, cc in todo]
     for (m, c, cc), row in zip(todo, done, strict=True):
         _cache[_cache_key(m, c, cc)] = row
     return [_cache[_cache_key(m, c, cc)] for m, c in cases for cc in archs]
@@ -242,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--kernel", default=None, help="only modules or cases whose name starts with this")
+    ap.add_argument("--module", action="append", default=None,
+                    help="report on this module (dotted name or .py path) instead of tsfast.kernels; repeatable")
+    ap.add_argument("--dump", default=None, metavar="DIR", help="also write each cubin into DIR")
     ap.add_argument("--list", action="store_true", help="list the cases without compiling")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
     args = ap.parse_args(argv)
@@ -250,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cases, errors = discover(args.kernel)
+    cases, errors = discover(args.kernel, args.module)
     if not cases and not errors:
         print(f"no report cases found{f' for {args.kernel!r}' if args.kernel else ''}", file=sys.stderr)
         return 1
@@ -260,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in errors:
             print(f"{row.module:<16} ERROR {row.error}")
         return 1 if errors else 0
-    rows = errors + collect(cases, archs, jobs=args.jobs)
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+    rows = errors + collect(cases, archs, jobs=args.jobs, dump_dir=args.dump)
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=1))
     else:
