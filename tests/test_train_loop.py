@@ -181,3 +181,20 @@ def test_meter_prints_per_kernel_lines(corpus, tmp_path, capsys):  # noqa: F811
     for op in ("rope_attention", "layernorm_linear", "layer_norm", "linear_cross_entropy"):
         assert f"    {op}" in out and "% of step" in out
     assert meter.active() is None  # switched off again at the end of the run
+
+
+def test_kernels_choice_holds_for_the_run_only(corpus, tmp_path, monkeypatch):  # noqa: F811
+    from tsfast import ops
+
+    seen = []
+    original = GPT.forward
+
+    def spy(self, *a, **kw):
+        seen.append(ops.get_backend())
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(GPT, "forward", spy)
+    with ops.use("auto"):
+        train(small_config(corpus, tmp_path, max_iters=1, eval_interval=1, kernels="torch"))
+        assert ops.get_backend() == "auto"
+    assert seen and set(seen) == {"torch"}

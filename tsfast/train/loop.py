@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tsfast import flops
+from tsfast import flops, ops
 from tsfast.config import ConfigError, TrainConfig
 from tsfast.model import GPT
 from tsfast.train import checkpoint as ckpt_io
@@ -420,8 +420,9 @@ class Trainer:
 def train(cfg: TrainConfig, *, resume: dict | None = None, stop_at: int | None = None) -> TrainResult:
     """Train with `cfg` (continuing from the resume checkpoint dict `resume`). `stop_at`: stop
     after that iteration as a signal would (write resume.pt), e.g. to test resuming."""
-    trainer = Trainer(cfg, resume=resume)
-    try:
-        return trainer.run(stop_at=stop_at)
-    finally:
-        trainer.close()
+    with ops.use(cfg.kernels):  # --kernels, for this run only
+        trainer = Trainer(cfg, resume=resume)
+        try:
+            return trainer.run(stop_at=stop_at)
+        finally:
+            trainer.close()

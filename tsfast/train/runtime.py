@@ -70,19 +70,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def preflight_kernels(backend: str, device: torch.device, head_dim: int) -> None:
-    """Select the kernel backend; with "triton", raise ops.BackendUnavailable now (before any
-    training work) if any op the model uses cannot run on `device`."""
-    ops.use(backend)
+    """With backend "triton", raise ops.BackendUnavailable now (before any training work) if
+    any op the model uses cannot run on `device`. Leaves the selected backend as it was."""
     if backend != "triton":
         return
-    for op in OPS:
-        unsupported = None
-        if op == "rope_attention" and head_dim not in ops.ATTENTION_HEAD_DIMS:
-            unsupported = (
-                f"head dim {head_dim} is not one of {ops.ATTENTION_HEAD_DIMS} "
-                "(change n_embd/n_head)"
-            )
-        ops.backend_for(op, device, unsupported)
+    with ops.use(backend):
+        for op in OPS:
+            unsupported = None
+            if op == "rope_attention" and head_dim not in ops.ATTENTION_HEAD_DIMS:
+                unsupported = (
+                    f"head dim {head_dim} is not one of {ops.ATTENTION_HEAD_DIMS} "
+                    "(change n_embd/n_head)"
+                )
+            ops.backend_for(op, device, unsupported)
 
 
 def seed_everything(seed: int) -> None:
