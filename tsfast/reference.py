@@ -12,18 +12,39 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------- rotary
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding. x: (..., T, D); cos, sin: (T, D/2) fp32."""
+    """Rotate-half rotary embedding. x: (..., T, D); cos, sin: (T, D/2) fp32.
+
+    Computed in fp32 for fp16/bf16 inputs and in x's own dtype for fp32 and float64 (the
+    float64 oracle stays float64 throughout)."""
     d2 = x.shape[-1] // 2
-    x1, x2 = x[..., :d2].float(), x[..., d2:].float()
-    c, s = cos.to(x1.dtype), sin.to(x1.dtype)
+    dt = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x[..., :d2].to(dt), x[..., d2:].to(dt)
+    c, s = cos.to(dt), sin.to(dt)
     out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
     return out.to(x.dtype)
+
+
+def _rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False):
+    """rope(x) (or its inverse, the rotation by -angle: rope's transpose, so the gradient)
+    into a new contiguous tensor, without autograd: two multiplies and two multiply-adds,
+    each writing one half of the output in place. x: (..., T, D) with x.dtype == cos.dtype."""
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2], x[..., d2:]
+    sign = 1.0 if inverse else -1.0
+    if torch.compiler.is_compiling():  # Dynamo takes no strided out=; inductor fuses this
+        return torch.cat((x1 * cos + sign * x2 * sin, x2 * cos - sign * x1 * sin), dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :d2], out[..., d2:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=sign)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin, value=-sign)
+    return out
 
 
 def rope_cos_sin(
@@ -46,6 +67,8 @@ def rope_attention(q, k, v, cos, sin, *, causal=True, scale=None, dropout_p=0.0)
     cover all Tk key positions, and the causal mask is aligned to the bottom right.
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
+    if _cpu_flash_applies(q, Tk, dropout_p):
+        return _RopeFlashAttentionCPU.apply(q, k, v, cos, sin, causal, scale)
     if cos is not None:
         q = apply_rope(q, cos[Tk - Tq :], sin[Tk - Tq :])
         k = apply_rope(k, cos, sin)
@@ -58,6 +81,51 @@ def rope_attention(q, k, v, cos, sin, *, causal=True, scale=None, dropout_p=0.0)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, dropout_p=dropout_p
     )
+
+
+def _cpu_flash_applies(q: torch.Tensor, k_len: int, dropout_p: float) -> bool:
+    """The training-shaped case on CPU: fp32, no cache offset, no dropout."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-2] == k_len and dropout_p == 0.0
+
+
+class _RopeFlashAttentionCPU(torch.autograd.Function):
+    """Rotary + causal attention on CPU through ATen's flash kernel, with a lean backward.
+
+    What plain autograd over apply_rope + SDPA costs, and this avoids: the rotated q and k
+    are kept for backward (2 x B·H·T·D floats a layer; here q, k, v are saved as the views
+    of the fused projection they are, and the rotation is redone in backward, two cheap
+    passes), and the gradient of each rotated half goes back through cat/slice backward,
+    which fills a zero tensor per half. The backward here is the flash backward and the
+    inverse rotation (rope's transpose) of dq and dk. The output keeps the kernel's
+    (B, T, H, D) memory layout, so `o.transpose(1, 2).reshape(B, T, C)` is free.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, causal, scale):
+        if cos is not None:
+            qr, kr = _rope_forward(q, cos, sin), _rope_forward(k, cos, sin)
+        else:
+            qr, kr = q, k
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qr, kr, v, 0.0, causal, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, cos, sin, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        q, k, v, cos, sin, o, lse = ctx.saved_tensors
+        if cos is not None:
+            qr, kr = _rope_forward(q, cos, sin), _rope_forward(k, cos, sin)
+        else:
+            qr, kr = q, k
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_o.contiguous(), qr, kr, v, o, lse, 0.0, ctx.causal, scale=ctx.scale
+        )
+        if cos is not None:
+            dq, dk = _rope_forward(dq, cos, sin, inverse=True), _rope_forward(dk, cos, sin, inverse=True)
+        return dq, dk, dv, None, None, None, None
 
 
 def attention_math(q, k, v, *, causal=True, scale=None):
@@ -114,84 +182,147 @@ def linear_cross_entropy_full(h, weight, targets, *, ignore_index=-100, reductio
     return cross_entropy(h @ weight.t(), targets, ignore_index=ignore_index, reduction=reduction)
 
 
-def _chunk_rows(n_rows: int, vocab: int, budget_elems: int = 2**23) -> int:
-    """Rows per chunk so one chunk's fp32 logits stay near `budget_elems` (32 MiB)."""
-    return max(1, min(n_rows, budget_elems // max(vocab, 1)))
+# Rows per chunk of the chunked linear cross-entropy: one (rows, V) logits buffer of at most
+# about CHUNK_BYTES, reused by every chunk. Each chunk reads W twice and reads and writes
+# the (V, C) dW accumulator once, and MKL's GEMMs at these thin shapes (K = C or K = rows)
+# run closer to the square-matmul rate the more rows they get: measured on the 2-core CPU
+# at C = 256, V = 50304, 128 rows ran at ~60% of a 2048^3 mm and 512 rows at ~93%
+# (BENCHMARKS.md). The buffer is what a chunk costs in memory.
+CHUNK_BYTES = 128 * 2**20
+MIN_CHUNK_ROWS = 16
+
+
+def _chunk_rows(n_rows: int, vocab: int, elem_bytes: int = 4) -> int:
+    """Rows per chunk: chunks of equal size (no short last chunk), each within CHUNK_BYTES."""
+    if n_rows <= 0:
+        return 1
+    most = max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(vocab * elem_bytes, 1))
+    n_chunks = -(-n_rows // most)
+    return max(1, -(-n_rows // n_chunks))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _lce_chunks(h, weight, targets, ignore_index, row_w, want_dh: bool, want_dW: bool):
+    """Per-row losses and, if asked, dh and dW of sum_r row_w[r] * loss_r, chunk by chunk.
+
+    Per chunk of rows, in one reused logits buffer z (fp32; float64 for float64 inputs):
+        z = h_c @ W^T                       one GEMM, written once
+        m = max_j z                         a read pass (softmax's own max is not returned)
+        z = softmax(z)                      in place (row by row, the row stays in cache)
+        loss_r = m - log(max_j z) - z_t     = lse - z_t: the largest probability is
+                                            exp(m - lse) >= 1/V, so it cannot underflow
+        z[r, t_r] -= 1                      z is now dlogits / w_r
+        dh_c = w_r * (z @ W)                row weights applied to the small (n, C) sides,
+        dW += z^T @ (w_r * h_c)             never in a pass over the (n, V) buffer
+    The target logits z_t are gathered before the softmax; ignored rows get loss 0 (and
+    must get row weight 0). Returns (loss (N,), dh or None, dW or None) in the compute dtype.
+    """
+    N, C = h.shape
+    V = weight.shape[0]
+    dt = _compute_dtype(h)
+    valid = targets != ignore_index
+    safe_t = torch.where(valid, targets, 0)[:, None]
+    w = weight.to(dt)  # no copy when weight is already in the compute dtype
+    hd = h.to(dt)
+    row_w = row_w.to(dt)[:, None]
+    loss = torch.empty(N, dtype=dt, device=h.device)
+    dh = torch.empty(N, C, dtype=dt, device=h.device) if want_dh else None
+    dW = torch.zeros(V, C, dtype=dt, device=h.device) if want_dW else None
+    step = _chunk_rows(N, V, torch.finfo(dt).bits // 8)
+    buf = torch.empty(min(step, N), V, dtype=dt, device=h.device)
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        hc, t = hd[s:e], safe_t[s:e]
+        z = buf[: e - s]
+        torch.mm(hc, w.t(), out=z)
+        z_t = z.gather(1, t).squeeze(1)
+        m = z.amax(dim=1)
+        torch.softmax(z, dim=1, out=z)
+        loss[s:e] = (m - z.amax(dim=1).log() - z_t) * valid[s:e]
+        if want_dh or want_dW:
+            z.scatter_add_(1, t, torch.full_like(z_t[:, None], -1.0))
+        if want_dh:
+            torch.mm(z, w, out=dh[s:e])
+            dh[s:e] *= row_w[s:e]
+        if want_dW:
+            dW.addmm_(z.t(), hc * row_w[s:e])
+    return loss, dh, dW
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and both gradients in one chunked forward; backward only rescales them.
-
-    Per chunk of rows: z = h_c @ W^T (fp32), p = softmax(z), loss_r = lse_r - z_r[t_r],
-    dz = (p - onehot(t)) * w_r, dh_c = dz @ W, dW += dz^T @ h_c, where w_r is the row's
-    weight in the reduction (1/count for "mean", 1 for "sum"/"none", 0 if ignored).
-    """
+    """"mean"/"sum": the loss and both gradients in one chunked forward (`_lce_chunks`, with
+    w_r = 1/count for "mean", 1 for "sum", 0 for an ignored row); backward only rescales
+    them, in place. Three GEMMs per chunk, as for a full-logits forward and backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, reduction):
-        N, C = h.shape
-        V = weight.shape[0]
+    def forward(ctx, h, weight, targets, ignore_index, reduction, grad_enabled):
         valid = targets != ignore_index
+        row_w = valid.to(_compute_dtype(h))
         if reduction == "mean":
-            row_w = valid.float() / valid.sum().clamp_min(1)
-        else:
-            row_w = valid.float()
-        safe_t = torch.where(valid, targets, 0)
-        needs_grad = h.requires_grad or weight.requires_grad
-        w32 = weight.float()
-        loss = torch.empty(N, dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if needs_grad else None
-        dW = torch.zeros(V, C, dtype=torch.float32, device=h.device) if needs_grad else None
-        step = _chunk_rows(N, V)
-        for s in range(0, N, step):
-            e = min(s + step, N)
-            hc = h[s:e].float()
-            z = hc @ w32.t()  # (n, V)
-            lse = torch.logsumexp(z, dim=-1)
-            t = safe_t[s:e]
-            loss[s:e] = (lse - z.gather(1, t[:, None]).squeeze(1)) * valid[s:e]
-            if needs_grad:
-                z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                z[torch.arange(e - s, device=z.device), t] -= 1.0
-                z.mul_(row_w[s:e, None])
-                dh[s:e] = (z @ w32).to(h.dtype)
-                dW.addmm_(z.t(), hc)
-        ctx.reduction = reduction
-        if needs_grad:
-            ctx.save_for_backward(dh, dW.to(weight.dtype), row_w)
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total if reduction == "sum" else total * row_w.max()  # = total / count
+            row_w = row_w / valid.sum().clamp_min(1)
+        # Inside forward grad mode is off and needs_input_grad ignores it: the caller's
+        # mode comes in as grad_enabled, so a no_grad evaluation computes only the loss.
+        want_dh = grad_enabled and ctx.needs_input_grad[0]
+        want_dW = grad_enabled and ctx.needs_input_grad[1]
+        loss, dh, dW = _lce_chunks(h, weight, targets, ignore_index, row_w, want_dh, want_dW)
+        if want_dh or want_dW:
+            ctx.grads = (
+                None if dh is None else dh.to(h.dtype),
+                None if dW is None else dW.to(weight.dtype),
+            )
+        total = (loss * row_w).sum() if reduction == "mean" else loss.sum()
+        return total.to(torch.promote_types(h.dtype, torch.float32))
 
     @staticmethod
     def backward(ctx, grad_out):
-        dh, dW, row_w = ctx.saved_tensors
-        g = grad_out.to(dh.dtype)
-        return dh * g, dW * g.to(dW.dtype), None, None, None
+        if not hasattr(ctx, "grads"):
+            raise RuntimeError(
+                "the chunked linear_cross_entropy's gradients were already used: it does not "
+                "support backward twice (retain_graph); compute the loss again"
+            )
+        dh, dW = ctx.grads
+        del ctx.grads  # scaled in place below, so a second backward must not see them
+        if dh is not None:
+            dh = dh.mul_(grad_out.to(dh.dtype))
+        if dW is not None:
+            dW = dW.mul_(grad_out.to(dW.dtype))
+        return dh, dW, None, None, None, None
+
+
+class _ChunkedLinearCrossEntropyRows(torch.autograd.Function):
+    """"none": per-row losses in forward (one GEMM per chunk, no gradients, since the
+    per-row upstream gradient is not known yet); backward recomputes each chunk's logits
+    and runs `_lce_chunks` with w_r = upstream_r (0 for ignored rows)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index):
+        valid = targets != ignore_index
+        loss, _, _ = _lce_chunks(h, weight, targets, ignore_index, valid, False, False)
+        ctx.save_for_backward(h, weight, targets)
+        ctx.ignore_index = ignore_index
+        return loss.to(torch.promote_types(h.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        h, weight, targets = ctx.saved_tensors
+        row_w = grad_rows * (targets != ctx.ignore_index)
+        want_dh, want_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        _, dh, dW = _lce_chunks(h, weight, targets, ctx.ignore_index, row_w, want_dh, want_dW)
+        return (
+            None if dh is None else dh.to(h.dtype),
+            None if dW is None else dW.to(weight.dtype),
+            None,
+            None,
+        )
 
 
 def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean"):
     """cross_entropy(h @ weight^T, targets) without holding the full (N, V) logits."""
     if reduction == "none":
-        return _linear_cross_entropy_none(h, weight, targets, ignore_index)
-    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction)
-
-
-def _linear_cross_entropy_none(h, weight, targets, ignore_index):
-    """Per-row losses; each chunk's logits are recomputed in backward (checkpointed),
-    because per-row upstream gradients cannot be folded into a forward-time dW."""
-
-    def chunk_loss(hc, w, t):
-        return cross_entropy(hc @ w.t(), t, ignore_index=ignore_index, reduction="none")
-
-    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    step = _chunk_rows(h.shape[0], weight.shape[0])
-    parts = []
-    for s in range(0, h.shape[0], step):
-        args = (h[s : s + step], weight, targets[s : s + step])
-        if grad:
-            parts.append(torch.utils.checkpoint.checkpoint(chunk_loss, *args, use_reentrant=False))
-        else:
-            parts.append(chunk_loss(*args))
-    return torch.cat(parts)
+        return _ChunkedLinearCrossEntropyRows.apply(h, weight, targets, ignore_index)
+    return _ChunkedLinearCrossEntropy.apply(
+        h, weight, targets, ignore_index, reduction, torch.is_grad_enabled()
+    )
