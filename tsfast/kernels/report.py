@@ -251,22 +251,27 @@ def collect(cases: list[tuple[str, dict]], archs: list[int], jobs: int = 1,
     return [_cache[_cache_key(m, c, cc)] for m, c in cases for cc in archs]
 
 
-_COLUMNS = [("kernel", 22), ("config", 24), ("shape", 8), ("arch", 5), ("regs", 4), ("spill B", 7),
-            ("smem B", 7), ("TC", 5), ("LDG.128", 7), ("LDGSTS.128", 10), ("warps/SM", 8), ("limit", 9)]
+_HEADER = ("kernel", "config", "shape", "arch", "regs", "spill B", "smem B", "TC", "LDG.128",
+           "LDGSTS.128", "warps/SM", "limit")
 
 
 def format_table(rows: list[Row]) -> str:
-    header = "  ".join(f"{name:<{w}}" for name, w in _COLUMNS)
-    lines = [header, "-" * len(header)]
+    """One line per row, columns as wide as their widest cell; errors after the arch."""
+    cells = []
     for r in rows:
         head = [r.kernel, r.config, r.shape, r.arch]
         if r.error:
-            lines.append("  ".join(f"{v:<{w}}" for v, (_, w) in zip(head, _COLUMNS, strict=False)) + f"  ERROR {r.error}")
+            cells.append((head, f"ERROR {r.error}"))
             continue
-        cells = head + [r.registers, r.spill_bytes, r.shared_bytes, r.tensor_cores,
-                        "yes" if r.ldg128 else "-", "yes" if r.ldgsts128 else "-",
-                        f"{r.warps_per_sm} ({r.occupancy:.0%})", r.limiter]
-        lines.append("  ".join(f"{v!s:<{w}}" for v, (_, w) in zip(cells, _COLUMNS, strict=True)))
+        cells.append((head + [str(r.registers), str(r.spill_bytes), str(r.shared_bytes), r.tensor_cores,
+                              "yes" if r.ldg128 else "-", "yes" if r.ldgsts128 else "-",
+                              f"{r.warps_per_sm} ({r.occupancy:.0%})", r.limiter], None))
+    widths = [max([len(h)] + [len(c[i]) for c, _ in cells if i < len(c)]) for i, h in enumerate(_HEADER)]
+    header = "  ".join(h.ljust(w) for h, w in zip(_HEADER, widths, strict=True)).rstrip()
+    lines = [header, "-" * len(header)]
+    for row_cells, error in cells:
+        line = "  ".join(c.ljust(w) for c, w in zip(row_cells, widths, strict=False))
+        lines.append((f"{line}  {error}" if error else line).rstrip())
     return "\n".join(lines)
 
 
