@@ -119,6 +119,7 @@ class StoryTeller:
         self._lock = threading.Lock()
         self.loaded = None
         self.error: str | None = None
+        self._stops: set[str | None] = set()  # sessions that pressed Stop
 
     def load(self):
         """The LoadedModel, or None with `self.error` set to why not."""
@@ -168,7 +169,16 @@ class StoryTeller:
                 notes.append(f"{unknown} prompt token(s) are not in this model's vocabulary and were read as 'unknown'")
         return notes
 
-    def stream(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+    def begin(self, request: gr.Request = None) -> None:
+        """Generate was pressed: forget an earlier Stop of this session."""
+        self._stops.discard(_session(request))
+
+    def request_stop(self, request: gr.Request = None) -> None:
+        """Stop was pressed: the session's generation ends after its current token (or
+        at once if it is still waiting in the queue), and says so in the status line."""
+        self._stops.add(_session(request))
+
+    def stream(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, request: gr.Request = None):
         """Yield (story so far, status line) after every token."""
         try:
             prompt = read_prompt(prompt)
@@ -182,45 +192,53 @@ class StoryTeller:
         except ValueError as e:
             yield "", f"⚠️ {e}"
             return
+        session = _session(request)
+        if session in self._stops:
+            self._stops.discard(session)
+            yield "", "Stopped before it started."
+            return
         if self.load() is None:
             yield "", self.missing_model_markdown()
             return
-        yield from self._generate(prompt, settings, None if seed < 0 else seed)
+        yield from self._generate(prompt, settings, None if seed < 0 else seed, session)
 
-    def _generate(self, prompt: str, settings: dict, seed: int | None):
+    def _generate(self, prompt: str, settings: dict, seed: int | None, session: str | None):
         from tsfast.data.tokenizer import encode
         from tsfast.generate import IncrementalDetokenizer, iter_tokens
 
         m = self.loaded
         ids = encode(prompt)
         notes = self.prompt_notes(ids)
-        story, count, detok = prompt, 0, IncrementalDetokenizer()
+        story, detok, count, stopped = prompt, IncrementalDetokenizer(), 0, False
         start = time.perf_counter()
         try:
             for token in iter_tokens(m.model, ids, seed=seed, vocab=m.vocab, **settings):
                 count += 1
                 story += detok.push(token)
-                rate = count / (time.perf_counter() - start)
-                yield story, f"Generating… {count} tokens · {rate:.1f} tokens/s"
+                if session in self._stops:
+                    stopped = True
+                    break
+                yield story, f"Generating… {count} tokens · {count / (time.perf_counter() - start):.1f} tokens/s"
             story += detok.flush()
         except Exception as e:  # keep serving; the console gets the traceback
             log.exception("generation failed")
             yield story, f"⚠️ Generation failed ({type(e).__name__}: {e}). The server is still running."
             return
+        finally:
+            self._stops.discard(session)
         elapsed = time.perf_counter() - start
-        ended = "reached Max New Tokens" if count >= settings["max_new_tokens"] else "the story ended"
-        status = (
-            f"{count} tokens in {elapsed:.2f} s · **{count / elapsed:.1f} tokens/s** · {ended} · {self.model_line()}"
-        )
+        if stopped:
+            ended = "stopped"
+        else:
+            ended = "reached Max New Tokens" if count >= settings["max_new_tokens"] else "the story ended"
+        status = f"{count} tokens in {elapsed:.2f} s · **{count / elapsed:.1f} tokens/s** · {ended} · {self.model_line()}"
         if notes:
             status += "\n\nNote: " + "; ".join(notes) + "."
         yield story, status
 
 
-def stopped(status: str) -> str:
-    if status and status.startswith("Generating"):
-        return status.replace("Generating…", "Stopped after", 1)
-    return status
+def _session(request: gr.Request | None) -> str | None:
+    return request.session_hash if request is not None else None
 
 
 def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto") -> gr.Blocks:
@@ -238,20 +256,24 @@ def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto") -> gr.Bloc
                 story = gr.Textbox(label="Story", lines=14, interactive=False, elem_id="story")
                 status = gr.Markdown(label="Status", elem_id="status")
             with gr.Column(scale=1):
-                max_tokens = Slider(10, 500, value=200, step=1, label=MAX_TOKENS.label)
+                max_tokens = Slider(10, 500, value=200, step=1, label=MAX_TOKENS.label, elem_id="max-new-tokens")
                 temperature = Slider(0.1, 2.0, value=0.8, step=0.05, label=TEMPERATURE.label)
                 top_k = Slider(0, 500, value=200, step=1, label=TOP_K.label, info="0 = off")
                 top_p = Slider(0.05, 1.0, value=1.0, step=0.05, label=TOP_P.label, info="1 = off")
-                seed = Number(value=-1, precision=0, label=SEED.label, info="-1 = a new random story each time")
+                seed = Number(value=-1, precision=0, label=SEED.label, info="-1 = a new random story each time",
+                              elem_id="seed")
         gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
-        event = go.click(
+        # Stop is a flag the running generation reads after every token, so its last
+        # status line (with the speed) always arrives; Gradio's `cancels` would cut the
+        # stream off before it, racing with the Stop handler's own output.
+        go.click(teller.begin, queue=False, api_name=False).then(
             teller.stream,
             inputs=[prompt, max_tokens, temperature, top_k, top_p, seed],
             outputs=[story, status],
             api_name="generate",
             concurrency_limit=1,
         )
-        stop.click(stopped, inputs=[status], outputs=[status], cancels=[event], api_name=False)
+        stop.click(teller.request_stop, queue=False, api_name=False)
         app.load(teller.info, outputs=[info], api_name=False)
     return app
 

@@ -176,18 +176,25 @@ def test_incompatible_checkpoints(demo_mod, trained_ckpt, tmp_path):  # noqa: F8
             assert story == "" and message in status and "uv run train.py" in status
 
 
-def test_stop_cancels_a_running_generation(server, monkeypatch):
+@pytest.fixture
+def produced(monkeypatch) -> list[int]:
+    """The tokens the server generates, recorded; and no end-of-text, so a story runs
+    until Max New Tokens or a stop (a model trained a few steps often ends one at once)."""
     import tsfast.generate
 
-    produced = []
+    tokens = []
     real = tsfast.generate.iter_tokens
 
     def counting(*args, **kwargs):
-        for token in real(*args, **kwargs, eos_id=None):  # no early end: only Stop ends it
-            produced.append(token)
+        for token in real(*args, **kwargs, eos_id=None):
+            tokens.append(token)
             yield token
 
     monkeypatch.setattr(tsfast.generate, "iter_tokens", counting)
+    return tokens
+
+
+def test_cancel_from_the_client_stops_the_server(server, produced):
     client, _ = server
     job = client.submit("Once upon a time", 500, 0.8, 200, 1.0, 3, api_name="/generate")
     while len(produced) < 3 and not job.done():
@@ -205,3 +212,22 @@ def test_command_line_errors(demo_mod, capsys):
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert demo_mod.main(["--port", "70000"]) == 2
     assert "--port must be from 1 to 65535" in capsys.readouterr().err
+
+
+def test_stop_flag_ends_the_stream_with_a_final_status(demo_mod, trained_ckpt, produced):  # noqa: F811
+    teller = demo_mod.StoryTeller(trained_ckpt, device="cpu")
+    teller.request_stop()
+    assert list(teller.stream("Once upon a time", 50, 0.8, 200, 1.0, 1)) == [("", "Stopped before it started.")]
+    teller.begin()
+    stream = teller.stream("Once upon a time", 500, 0.8, 200, 1.0, random.randint(0, 10**6))
+    first = [next(stream) for _ in range(3)]
+    assert [s for _, s in first][-1].startswith("Generating… 3 tokens")
+    teller.request_stop()
+    rest = list(stream)
+    assert len(rest) == 1 and len(produced) == 4
+    story, status = rest[0]
+    assert re.match(r"4 tokens in [\d.]+ s · \*\*[\d.]+ tokens/s\*\* · stopped · model \*\*tiny\*\*", status), status
+    assert story.startswith(first[-1][0])
+    teller.request_stop()  # a Stop after the end is forgotten by the next Generate
+    teller.begin()
+    assert FINAL.match(list(teller.stream("Once upon a time", 10, 0.8, 200, 1.0, 1))[-1][1])
