@@ -242,3 +242,50 @@ def test_iter_tokens_is_lazy_and_reports_the_decoder():
     assert box == []
     next(it)
     assert len(box) == 1 and box[0].tokens[:3] == [1, 2, 3]
+
+
+def random_vocab(n: int):
+    from tsfast.data.vocab import CompactVocab
+
+    kept = torch.randperm(EOT)[: n - 2].tolist()  # plus end-of-text and unk
+    return CompactVocab(sorted(kept + [EOT]))
+
+
+def test_compact_vocabulary_maps_ids_both_ways():
+    vocab = random_vocab(300)
+    model = random_model("rope", vocab_size=vocab.size)
+    kept = vocab.gpt2_ids.tolist()
+    prompt = random.sample(kept, 6) + [random.choice([i for i in range(EOT) if i not in set(kept)])]  # one unknown
+    seed = random.randint(0, 2**31)
+    out = generate(model, prompt, max_new_tokens=40, temperature=1.0, seed=seed, vocab=vocab)
+    compact_prompt = vocab.to_compact(prompt).tolist()
+    assert compact_prompt[-1] == vocab.unk_id
+    direct = generate(model, compact_prompt, max_new_tokens=40, temperature=1.0, seed=seed, eos_id=vocab.eot_id)
+    assert out == vocab.to_gpt2(direct).tolist()
+    assert set(out) <= set(kept) | {vocab.unk_gpt2_id}
+
+
+def test_compact_vocabulary_stops_at_its_end_of_text_id():
+    vocab = random_vocab(200)
+    model = random_model("rope", vocab_size=vocab.size)
+    with torch.no_grad():  # make the compact end-of-text id the likeliest next token everywhere
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.wte.weight[vocab.eot_id] = 10.0
+    prompt = random.sample(vocab.gpt2_ids.tolist(), 5)
+    assert generate(model, prompt, max_new_tokens=10, temperature=0, vocab=vocab) == []
+    assert len(generate(model, prompt, max_new_tokens=10, temperature=0, vocab=vocab, eos_id=None)) == 10
+
+
+def test_runs_in_the_model_dtype():
+    model = random_model("rope", vocab_size=128)
+    for p in model.parameters():  # parameters only: `model.to(bf16)` would also cast the fp32 rotary tables
+        p.data = p.data.to(torch.bfloat16)
+    prompt = torch.randint(0, 128, (5,)).tolist()
+    cached, plain = Decoder(model, prompt), Decoder(model, prompt, use_cache=False)
+    assert cached.cache.k.dtype == torch.bfloat16 and cached.logits().dtype == torch.float32
+    for _ in range(4):
+        torch.testing.assert_close(cached.logits(), plain.logits(), rtol=0.05, atol=0.1)
+        token = int(torch.randint(0, 128, ()))
+        cached.push(token)
+        plain.push(token)
