@@ -198,3 +198,16 @@ def test_importing_tsfast_does_not_import_triton():
             "bad = [m for m in sys.modules if m == 'triton' or m.startswith('torch._dynamo')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_torch_path_never_loads_a_kernel_module(monkeypatch, backend):
+    def no_kernels(op):
+        raise AssertionError(f"kernel module for {op} loaded on the torch path")
+
+    monkeypatch.setattr(ops, "_load_kernel", no_kernels)
+    q, k, v, cos, sin = _attention_inputs()
+    with ops.use(backend):
+        out = ops.rope_attention(q, k, v, cos, sin, dropout_p=0.1)
+        ops.layer_norm(torch.randn(3, 8), torch.ones(8), None)
+    assert out.shape == q.shape

@@ -131,10 +131,13 @@ def _triton_cannot_run(device: torch.device) -> str | None:
 _logged_fallbacks: set[tuple[str, str]] = set()
 
 
-def backend_for(op: str, device: torch.device, unsupported: str | None = None) -> str:
+def backend_for(op: str, device: torch.device, unsupported: str | None = None,
+                needs: tuple[tuple[str, str], ...] = ()) -> str:
     """The backend ("triton" or "torch") that runs this call of `op`.
 
-    `unsupported` is why the Triton kernel cannot take this particular call (None if it can).
+    `unsupported` is why the Triton kernel cannot take this particular call (None if it can);
+    `needs` holds (flag, reason) pairs: module-level flags the kernel module must set to True
+    for this call, and why the call cannot run without each (read only once Triton is in play).
     """
     chosen = get_backend()
     if chosen == "torch":
@@ -142,7 +145,7 @@ def backend_for(op: str, device: torch.device, unsupported: str | None = None) -
     if chosen == "auto":
         if device.type != "cuda" or _triton_missing():
             return "torch"
-        reason = _kernel_missing(op) or unsupported
+        reason = _kernel_missing(op) or unsupported or _lacking(op, needs)
         if reason:
             if (op, reason) not in _logged_fallbacks:
                 _logged_fallbacks.add((op, reason))
@@ -152,6 +155,7 @@ def backend_for(op: str, device: torch.device, unsupported: str | None = None) -
     cannot = _triton_cannot_run(device) or _kernel_missing(op)
     if cannot:
         raise BackendUnavailable(f"--kernels triton cannot run {op}: {cannot}")
+    unsupported = unsupported or _lacking(op, needs)
     if unsupported:
         raise BackendUnavailable(
             f"--kernels triton cannot run this {op} call: {unsupported}. "
@@ -193,6 +197,11 @@ def _load_kernel(op: str) -> tuple[object, str | None]:
             missing = None if hasattr(mod, attr) else f"{name} defines no {attr}()"
             _modules[op] = (mod if missing is None else None, missing)
     return _modules[op]
+
+
+def _lacking(op: str, needs: tuple[tuple[str, str], ...]) -> str | None:
+    module = _kernel_module(op)
+    return next((reason for flag, reason in needs if not getattr(module, flag, False)), None)
 
 
 def _kernel_missing(op: str) -> str | None:
@@ -329,11 +338,10 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     unsupported = _float64_unsupported(q)
     if D not in ATTENTION_HEAD_DIMS:
         unsupported = f"head dim {D} is not one of {ATTENTION_HEAD_DIMS}"
-    elif dropout_p > 0 and not getattr(_kernel_module("rope_attention"), "SUPPORTS_DROPOUT", False):
-        unsupported = "attention dropout is not implemented in the kernel"
     elif T != T_k:
         unsupported = "query and key lengths differ (KV-cache decoding)"
-    backend = backend_for("rope_attention", q.device, unsupported)
+    needs = (("SUPPORTS_DROPOUT", "attention dropout is not implemented in the kernel"),) if dropout_p > 0 else ()
+    backend = backend_for("rope_attention", q.device, unsupported, needs)
     return _run("rope_attention", backend, (q, k, v, cos, sin),
                 dict(causal=causal, scale=scale, dropout_p=dropout_p),
                 (B, H, T, D), dict(causal=causal, k_len=T_k))
