@@ -211,3 +211,29 @@ def test_torch_path_never_loads_a_kernel_module(monkeypatch, backend):
         out = ops.rope_attention(q, k, v, cos, sin, dropout_p=0.1)
         ops.layer_norm(torch.randn(3, 8), torch.ones(8), None)
     assert out.shape == q.shape
+
+
+def test_triton_path_applies_autocast_like_torch(monkeypatch):
+    """Under autocast the kernels get the matmul operands in the autocast dtype (as F.linear
+    would) with autocast off inside; layer_norm, which autocast keeps in fp32, gets fp32."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = {}
+
+    def fake(op):
+        def kernel(*args, **kwargs):
+            seen[op] = ([a.dtype for a in args if isinstance(a, torch.Tensor)], torch.is_autocast_enabled("cpu"))
+            return getattr(reference, op)(*args, **kwargs)
+        return kernel
+
+    for op in ("layernorm_linear", "layer_norm"):
+        monkeypatch.setitem(ops._modules, op, (types.SimpleNamespace(**{op: fake(op)}), None))
+    x, lw, lb, w = torch.randn(4, 8), torch.randn(8), torch.randn(8), torch.randn(6, 8)
+    with ops.use("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.layernorm_linear(x, lw, lb, w, None)
+        z = ops.layer_norm(x, lw, lb)
+    assert seen["layernorm_linear"] == ([torch.bfloat16] * 4, False)
+    assert seen["layer_norm"] == ([torch.float32] * 3, True)
+    assert y.dtype == torch.bfloat16 and z.dtype == torch.float32
+    with ops.use("triton"):
+        ops.layernorm_linear(x, lw, lb, w, None)
+    assert seen["layernorm_linear"] == ([torch.float32] * 4, False)

@@ -226,9 +226,38 @@ _COST = {
 }
 
 
+# Under autocast, the Triton path does what autocast does to the torch path's matmuls: these
+# arguments are cast to the autocast dtype (layer_norm and cross_entropy, which autocast
+# keeps in fp32, are left alone) and the kernel runs with autocast off.
+_AUTOCAST_ARGS = {
+    "rope_attention": (0, 1, 2),  # q, k, v (cos and sin stay fp32)
+    "layernorm_linear": (0, 1, 2, 3, 4),  # x, ln_weight, ln_bias, weight, bias
+    "linear_cross_entropy": (0, 1),  # h, weight
+}
+
+
+def _under_autocast(op: str, kernel):
+    """`kernel` wrapped to apply the autocast policy above, or `kernel` when it has none."""
+    positions = _AUTOCAST_ARGS.get(op)
+    if positions is None:
+        return kernel
+
+    def run(*args, **kwargs):
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if not torch.is_autocast_enabled(device_type):
+            return kernel(*args, **kwargs)
+        dtype = torch.get_autocast_dtype(device_type)
+        args = tuple(a.to(dtype) if i in positions and isinstance(a, torch.Tensor) else a
+                     for i, a in enumerate(args))
+        with torch.autocast(device_type, enabled=False):
+            return kernel(*args, **kwargs)
+
+    return run
+
+
 def _run(op: str, backend: str, args: tuple, kwargs: dict, cost_args: tuple, cost_kwargs=None):
     """Call the op on `backend`; with a meter enabled (outside torch.compile), time it."""
-    impl = _triton(op) if backend == "triton" else getattr(reference, op)
+    impl = _under_autocast(op, _triton(op)) if backend == "triton" else getattr(reference, op)
     meter = _meter._active
     if meter is None or torch.compiler.is_compiling():
         return impl(*args, **kwargs)
