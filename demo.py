@@ -157,16 +157,18 @@ class StoryTeller:
         return f"{self.model_line()} · {vocab} · context {m.model.config.block_size} tokens"
 
     def prompt_notes(self, ids: list[int]) -> list[str]:
+        from tsfast.generate import prompt_fit
+
         m = self.loaded
+        dropped, unknown = prompt_fit(m.model, ids, m.vocab)
         notes = []
-        block = m.model.config.block_size
-        if len(ids) > block:
-            keep = block - max(1, block // 4)
-            notes.append(f"the prompt has {len(ids)} tokens; the context holds {block}, so the model saw only its last {keep}")
-        if m.vocab is not None:
-            unknown = sum(int(c) == m.vocab.unk_id for c in m.vocab.to_compact(ids))
-            if unknown:
-                notes.append(f"{unknown} prompt token(s) are not in this model's vocabulary and were read as 'unknown'")
+        if dropped:
+            notes.append(
+                f"the prompt has {len(ids)} tokens; the context holds {m.model.config.block_size}, "
+                f"so the model saw only its last {len(ids) - dropped}"
+            )
+        if unknown:
+            notes.append(f"{unknown} prompt token(s) are not in this model's vocabulary and were read as 'unknown'")
         return notes
 
     def begin(self, request: gr.Request = None) -> None:
@@ -290,7 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(format="%(message)s")
     from tsfast.train.runtime import resolve_device
 
     try:

@@ -67,21 +67,20 @@ def describe(loaded, device) -> str:
 
 
 def prompt_notes(loaded, prompt_ids: list[int]) -> list[str]:
+    from tsfast.generate import prompt_fit
+
+    dropped, unknown = prompt_fit(loaded.model, prompt_ids, loaded.vocab)
     notes = []
-    block = loaded.model.config.block_size
-    if len(prompt_ids) > block:
-        keep = block - max(1, block // 4)
+    if dropped:
         notes.append(
-            f"note: the prompt has {len(prompt_ids)} tokens and the context holds {block}: "
-            f"only its last {keep} tokens are used"
+            f"note: the prompt has {len(prompt_ids)} tokens and the context holds "
+            f"{loaded.model.config.block_size}: only its last {len(prompt_ids) - dropped} tokens are used"
         )
-    if loaded.vocab is not None:
-        unknown = sum(int(c) == loaded.vocab.unk_id for c in loaded.vocab.to_compact(prompt_ids))
-        if unknown:
-            notes.append(
-                f"note: {unknown} prompt token(s) are not in this model's vocabulary "
-                "(it was trained without them); the model sees them as one unknown token"
-            )
+    if unknown:
+        notes.append(
+            f"note: {unknown} prompt token(s) are not in this model's vocabulary "
+            "(it was trained without them); the model sees them as one unknown token"
+        )
     return notes
 
 

@@ -207,11 +207,17 @@ def test_cancel_from_the_client_stops_the_server(server, produced):
     assert FINAL.match(ask(client, max_new_tokens=10)[1])  # and serves the next request
 
 
-def test_command_line_errors(demo_mod, capsys):
+def test_command_line_errors(demo_mod, capsys, trained_ckpt):  # noqa: F811
     assert demo_mod.main(["--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert demo_mod.main(["--port", "70000"]) == 2
     assert "--port must be from 1 to 65535" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert demo_mod.main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--port", str(port)]) == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_stop_flag_ends_the_stream_with_a_final_status(demo_mod, trained_ckpt, produced):  # noqa: F811

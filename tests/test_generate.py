@@ -16,8 +16,10 @@ from tsfast.generate import (
     check_sampling,
     generate,
     iter_tokens,
+    prompt_fit,
     sample_next,
     stream_text,
+    window_keep,
 )
 from tsfast.model import GPT
 
@@ -289,3 +291,17 @@ def test_runs_in_the_model_dtype():
         token = int(torch.randint(0, 128, ()))
         cached.push(token)
         plain.push(token)
+
+
+def test_prompt_fit_reports_dropped_and_unknown_tokens():
+    vocab = random_vocab(100)
+    model = random_model("rope", vocab_size=vocab.size)
+    kept = vocab.gpt2_ids.tolist()
+    unknown = [i for i in range(1000) if i not in set(kept)]
+    n_unknown = random.randint(1, 5)
+    prompt = random.sample(kept, 10) + random.sample(unknown, n_unknown)
+    assert prompt_fit(model, prompt, vocab) == (0, n_unknown)
+    assert prompt_fit(model, prompt, None) == (0, 0)
+    long = random.choices(kept, k=BLOCK + 7)
+    assert prompt_fit(model, long, vocab) == (BLOCK + 7 - window_keep(BLOCK), 0)
+    assert Decoder(model, vocab.to_compact(long).tolist()).truncated == BLOCK + 7 - window_keep(BLOCK)

@@ -51,6 +51,8 @@ __all__ = [
     "check_sampling",
     "generate",
     "iter_tokens",
+    "prompt_fit",
+    "window_keep",
     "sample_next",
     "stream_text",
 ]
@@ -99,6 +101,23 @@ def sample_next(
     return choice if ids is None else int(ids[choice])
 
 
+def window_keep(block_size: int) -> int:
+    """Tokens the window keeps when it hops (and of a prompt longer than the context)."""
+    return block_size - max(1, block_size // 4)
+
+
+def prompt_fit(model: GPT, prompt_ids: Sequence[int], vocab=None) -> tuple[int, int]:
+    """(prompt tokens dropped because the prompt is longer than the context, prompt tokens
+    a compact vocabulary does not hold and the model reads as its unknown token)."""
+    ids = [int(t) for t in prompt_ids]
+    block = model.config.block_size
+    dropped = len(ids) - window_keep(block) if len(ids) > block else 0
+    unknown = 0
+    if vocab is not None and ids:
+        unknown = int((vocab.to_compact(ids) == vocab.unk_id).sum())
+    return dropped, unknown
+
+
 def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     try:
         gen = torch.Generator(device=device)
@@ -124,7 +143,7 @@ class Decoder:
             raise ValueError("the prompt is empty: give at least one token")
         self.model = model
         self.block_size = model.config.block_size
-        self.keep = self.block_size - max(1, self.block_size // 4)
+        self.keep = window_keep(self.block_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.tokens = [int(t) for t in prompt]
