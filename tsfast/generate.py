@@ -103,7 +103,7 @@ def sample_next(
 
 def window_keep(block_size: int) -> int:
     """Tokens the window keeps when it hops (and of a prompt longer than the context)."""
-    return block_size - max(1, block_size // 4)
+    return max(1, block_size - max(1, block_size // 4))
 
 
 def prompt_fit(model: GPT, prompt_ids: Sequence[int], vocab=None) -> tuple[int, int]:
