@@ -44,23 +44,13 @@ EXAMPLES = [
 log = logging.getLogger("tsfast.demo")
 
 
-class Slider(gr.Slider):
-    """A slider whose value reaches the handler as sent: the handler checks the range and
-    names the control (Gradio's own check says only "Value 900 is greater than ...")."""
-
-    is_template = True  # rendered as an ordinary slider
-
-    def preprocess(self, payload):
-        return payload
-
-
-class Number(gr.Number):
-    """A number field passed through unchecked, for the same reason as `Slider`."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        return payload
+def unchecked(component):
+    """Let the component's value through as sent: `StoryTeller.stream` checks it and names
+    the control (Gradio's own check says only "Value 900 is greater than maximum value
+    500."). Done per instance: a Component subclass would make Gradio write a .pyi stub
+    next to this file."""
+    component.preprocess = lambda payload: payload
+    return component
 
 
 @dataclass(frozen=True)
@@ -258,12 +248,14 @@ def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto") -> gr.Bloc
                 story = gr.Textbox(label="Story", lines=14, interactive=False, elem_id="story")
                 status = gr.Markdown(label="Status", elem_id="status")
             with gr.Column(scale=1):
-                max_tokens = Slider(10, 500, value=200, step=1, label=MAX_TOKENS.label, elem_id="max-new-tokens")
-                temperature = Slider(0.1, 2.0, value=0.8, step=0.05, label=TEMPERATURE.label)
-                top_k = Slider(0, 500, value=200, step=1, label=TOP_K.label, info="0 = off")
-                top_p = Slider(0.05, 1.0, value=1.0, step=0.05, label=TOP_P.label, info="1 = off")
-                seed = Number(value=-1, precision=0, label=SEED.label, info="-1 = a new random story each time",
-                              elem_id="seed")
+                max_tokens = gr.Slider(10, 500, value=200, step=1, label=MAX_TOKENS.label, elem_id="max-new-tokens")
+                temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.05, label=TEMPERATURE.label)
+                top_k = gr.Slider(0, 500, value=200, step=1, label=TOP_K.label, info="0 = off")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label=TOP_P.label, info="1 = off")
+                seed = gr.Number(value=-1, precision=0, label=SEED.label, info="-1 = a new random story each time",
+                                 elem_id="seed")
+                for control in (max_tokens, temperature, top_k, top_p, seed):
+                    unchecked(control)
         gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
         # Stop is a flag the running generation reads after every token, so its last
         # status line (with the speed) always arrives; Gradio's `cancels` would cut the
