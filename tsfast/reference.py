@@ -29,16 +29,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def _bthd_empty(x: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, T, D) tensor laid out as (B, T, H, D), the layout of the fused qkv
+    projection: ATen's CPU flash attention gives its output (and gradients) the layout of
+    its query, and in this one the model's transpose(1, 2).reshape(B, T, C) is a view."""
+    if x.dim() != 4:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    B, H, T, D = x.shape
+    return torch.empty(B, T, H, D, dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
 def _rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False):
     """rope(x) (or its inverse, the rotation by -angle: rope's transpose, so the gradient)
-    into a new contiguous tensor, without autograd: two multiplies and two multiply-adds,
+    into a new tensor (laid out as `_bthd_empty` says), without autograd: two multiplies and two multiply-adds,
     each writing one half of the output in place. x: (..., T, D) with x.dtype == cos.dtype."""
     d2 = x.shape[-1] // 2
     x1, x2 = x[..., :d2], x[..., d2:]
     sign = 1.0 if inverse else -1.0
     if torch.compiler.is_compiling():  # Dynamo takes no strided out=; inductor fuses this
         return torch.cat((x1 * cos + sign * x2 * sin, x2 * cos - sign * x1 * sin), dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = _bthd_empty(x)
     o1, o2 = out[..., :d2], out[..., d2:]
     torch.mul(x1, cos, out=o1)
     o1.addcmul_(x2, sin, value=sign)
@@ -75,7 +85,9 @@ def rope_attention(q, k, v, cos, sin, *, causal=True, scale=None, dropout_p=0.0)
     if q.dtype == torch.float64:
         return attention_math(q, k, v, causal=causal, scale=scale)
     mask = None
-    if causal and Tq != Tk:
+    if causal and Tq == 1:
+        causal = False  # one query, the last position: it sees every key, no mask to build
+    elif causal and Tq != Tk:
         # SDPA's is_causal aligns the mask top-left; a cache needs bottom-right.
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(
@@ -120,8 +132,10 @@ class _RopeFlashAttentionCPU(torch.autograd.Function):
             qr, kr = _rope_forward(q, cos, sin), _rope_forward(k, cos, sin)
         else:
             qr, kr = q, k
+        if grad_o.stride(-1) != 1:  # other strides, stride 0 included, the kernel reads as they are
+            grad_o = grad_o.contiguous()
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_o.contiguous(), qr, kr, v, o, lse, 0.0, ctx.causal, scale=ctx.scale
+            grad_o, qr, kr, v, o, lse, 0.0, ctx.causal, scale=ctx.scale
         )
         if cos is not None:
             dq, dk = _rope_forward(dq, cos, sin, inverse=True), _rope_forward(dk, cos, sin, inverse=True)
