@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import time
 from contextlib import contextmanager
 
@@ -23,6 +24,7 @@ GOOD = {"max_new_tokens": 20, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "s
 def demo_mod():
     spec = importlib.util.spec_from_file_location("demo_app", REPO / "demo.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
