@@ -244,7 +244,9 @@ def _lce_chunks(h, weight, targets, ignore_index, row_w, want_dh: bool, want_dW:
     row_w = row_w.to(dt)[:, None]
     loss = torch.empty(N, dtype=dt, device=h.device)
     dh = torch.empty(N, C, dtype=dt, device=h.device) if want_dh else None
-    dW = torch.zeros(V, C, dtype=dt, device=h.device) if want_dW else None
+    dW = None
+    if want_dW:  # written by the first chunk's GEMM, added to by the others: no zero fill
+        dW = (torch.empty if N else torch.zeros)(V, C, dtype=dt, device=h.device)
     step = _chunk_rows(N, V, torch.finfo(dt).bits // 8)
     buf = torch.empty(min(step, N), V, dtype=dt, device=h.device)
     for s in range(0, N, step):
@@ -261,7 +263,9 @@ def _lce_chunks(h, weight, targets, ignore_index, row_w, want_dh: bool, want_dW:
         if want_dh:
             torch.mm(z, w, out=dh[s:e])
             dh[s:e] *= row_w[s:e]
-        if want_dW:
+        if want_dW and s == 0:
+            torch.mm(z.t(), hc * row_w[s:e], out=dW)
+        elif want_dW:
             dW.addmm_(z.t(), hc * row_w[s:e])
     return loss, dh, dW
 
