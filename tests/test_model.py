@@ -89,3 +89,15 @@ def test_dropout_only_in_training():
         assert torch.equal(model.eval()(idx)[0], model(idx)[0])
         model.train()
         assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_bf16_model_keeps_fp32_rotary_tables():
+    from tsfast.config import preset
+    from tsfast.model import GPT
+
+    model = GPT(preset("tiny").model_config(vocab_size=200))
+    cos = model.rope_cos.clone()
+    model = model.to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32 and torch.equal(model.rope_cos, cos)
+    logits, _ = model(torch.randint(0, 200, (1, 9)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

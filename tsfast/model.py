@@ -118,6 +118,17 @@ class GPT(nn.Module):
             if name.endswith(("attn_proj.weight", "mlp_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(bf16) would round the rotary tables too; the op contract wants them fp32,
+        # so rebuild them exactly on whatever device the model moved to.
+        super()._apply(fn, *args, **kwargs)
+        if self.config.pos == "rope" and self.rope_cos.dtype != torch.float32:
+            c = self.config
+            self.rope_cos, self.rope_sin = rope_cos_sin(
+                c.block_size, c.head_dim, base=c.rope_base, device=self.rope_cos.device
+            )
+        return self
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, nn.Linear):
