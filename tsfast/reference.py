@@ -80,8 +80,13 @@ def rope_attention(q, k, v, cos, sin, *, causal=True, scale=None, dropout_p=0.0)
     if _cpu_flash_applies(q, Tk, dropout_p):
         return _RopeFlashAttentionCPU.apply(q, k, v, cos, sin, causal, scale)
     if cos is not None:
-        q = apply_rope(q, cos[Tk - Tq :], sin[Tk - Tq :])
-        k = apply_rope(k, cos, sin)
+        # Without autograd (decoding), fp32 takes the lean rotation: 4 ops instead of 7.
+        lean = q.dtype == cos.dtype == torch.float32 and not (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        )
+        rope = _rope_forward if lean else apply_rope
+        q = rope(q, cos[Tk - Tq :], sin[Tk - Tq :])
+        k = rope(k, cos, sin)
     if q.dtype == torch.float64:
         return attention_math(q, k, v, causal=causal, scale=scale)
     mask = None
