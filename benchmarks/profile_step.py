@@ -18,6 +18,9 @@ counts as tsfast.flops.gpt_flops_per_token does.
 
 --adamw loop|fused|foreach: the loop's make_optimizer (default), or AdamW with fused=True
 or foreach=True on the same parameter groups.
+
+--reference REV: run --profile and --rss with tsfast/reference.py as it was at REV.
+--rss: three steps in this (fresh) process, then its peak RSS (VmHWM) and current RSS.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_step import Step, mm_rate  # noqa: E402
+from test_train_step import Step, mm_rate, status_mb  # noqa: E402
 
 from tsfast import ops  # noqa: E402
 
@@ -136,12 +139,20 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--adamw", choices=("loop", "fused", "foreach"), default="loop")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--reference", metavar="REV")
+    ap.add_argument("--rss", action="store_true")
     args = ap.parse_args(argv)
     ops.use("torch")
+    if args.reference:
+        ops.reference = reference_at(args.reference)
     step = Step(args.preset, torch.device("cpu"))
     set_adamw(step, args.adamw)
     print(f"{args.preset}: {step.n_params:,} parameters, {step.tokens} tokens a step, "
-          f"{torch.get_num_threads()} threads, AdamW {args.adamw}")
+          f"{torch.get_num_threads()} threads, AdamW {args.adamw}, reference {args.reference or 'working tree'}")
+    if args.rss:
+        for _ in range(3):
+            step.run()
+        print(f"peak RSS {status_mb('VmHWM'):.0f} MiB, RSS now {status_mb('VmRSS'):.0f} MiB")
     if args.profile:
         profile(step, args.top)
     if args.compare:
