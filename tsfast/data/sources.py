@@ -100,7 +100,8 @@ class TextSplit:
 
     def jobs(self, limit: int | None) -> Iterator[tuple[tuple, int]]:
         """(job, progress units) pairs: batches of stories, with the bytes read for them."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+        # utf-8-sig drops a leading BOM even when the first reads end inside it.
+        decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
         buffer, batch, batch_chars, unreported, kept, offset = "", [], 0, 0, 0, 0
         with open(self.path, "rb") as handle:
             while True:
@@ -112,8 +113,6 @@ class TextSplit:
                         f"{self.path}: not UTF-8 text (bad byte near offset {offset + exc.start}); "
                         "pass the plain-text TinyStories file, or re-encode it as UTF-8"
                     ) from exc
-                if offset == 0:
-                    text = text.removeprefix("\ufeff")
                 offset += len(raw)
                 unreported += len(raw)
                 buffer += text
