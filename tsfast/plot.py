@@ -151,8 +151,15 @@ def _subtitle(data: dict) -> str:
     return f"{data.get('device', '?')}, torch {data.get('torch', '?')}, {data.get('created', '')}"
 
 
-def _grouped_bars(ax, groups: list[str], providers: list[str], value) -> None:
-    """Bars of value(group, provider) (None: no bar), providers side by side per group."""
+# One colour per provider in every panel and figure.
+_COLORS = {"torch": "tab:blue", "torch.compile": "tab:orange", "triton": "tab:green",
+           "no_cache": "tab:gray", "kv_cache": "tab:purple"}
+
+
+def _grouped_bars(ax, groups: list[str], providers: list[str], value) -> list[str]:
+    """Bars of value(group, provider) (None: no bar), side by side per group, for the
+    providers that have at least one bar here; returns those providers, in order."""
+    providers = [p for p in providers if any(value(g, p) is not None for g in groups)]
     width = 0.8 / max(len(providers), 1)
     for i, prov in enumerate(providers):
         xs, ys = [], []
@@ -161,10 +168,11 @@ def _grouped_bars(ax, groups: list[str], providers: list[str], value) -> None:
             if v is not None:
                 xs.append(g + (i - (len(providers) - 1) / 2) * width)
                 ys.append(v)
-        ax.bar(xs, ys, width=width, label=prov)
+        ax.bar(xs, ys, width=width, label=prov, color=_COLORS.get(prov))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return providers
 
 
 def ops_figure(data: dict):
@@ -199,7 +207,8 @@ def train_step_figure(data: dict):
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     table = {(r["shape"], r["provider"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    _grouped_bars(ax, presets, providers, lambda g, p: table[(g, p)]["tokens_per_s"] if (g, p) in table else None)
+    providers = _grouped_bars(ax, presets, providers,
+                              lambda g, p: table[(g, p)]["tokens_per_s"] if (g, p) in table else None)
     width = 0.8 / len(providers)
     for i, prov in enumerate(providers):
         for g, name in enumerate(presets):
