@@ -5,7 +5,10 @@ arguments before calling here, so these functions assume well-formed inputs.
 
 `linear_cross_entropy` is chunked over rows with its own autograd.Function, so the CPU/MPS
 path never holds the full (N, V) logits either; `linear_cross_entropy_full` is the plain
-full-logits formulation kept as the oracle.
+full-logits formulation kept as the oracle. On CPU in fp32, training-shaped attention goes
+through ATen's flash kernel in `_RopeFlashAttentionCPU`; float64 always takes the explicit
+math path (`attention_math`), the oracle. Why each fast path is shaped as it is, with
+figures: BENCHMARKS.md.
 """
 
 from __future__ import annotations
