@@ -182,9 +182,10 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=Non
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
     """F.cross_entropy in fp32 statistics; "mean" over non-ignored targets (0 if none)."""
-    loss = F.cross_entropy(
-        logits.float(), targets, ignore_index=ignore_index, reduction="none"
-    )  # (N,), 0 at ignored rows
+    # At least fp32 statistics, and float64 stays float64 (the oracle); F.cross_entropy
+    # takes int64 targets only, while the op contract also admits int32.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction="none")
     return _reduce(loss, targets, ignore_index, reduction)
 
 
