@@ -44,7 +44,7 @@ from tsfast import flops, ops
 from tsfast.config import preset
 from tsfast.model import GPT
 from tsfast.train import runtime
-from tsfast.train.loop import make_optimizer
+from tsfast.train.loop import make_optimizer, optimizer_step
 
 PRESETS = ("tiny", "baby_cpu", "baby_gpu", "gpt2")
 CPU_PRESETS = ("tiny", "baby_cpu")
@@ -104,12 +104,7 @@ class Step:
         with runtime.autocast(self.device, self.dtype):
             _, loss = self.train_model(self.x, self.y)
         self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.grad_clip)
         return loss
 
 

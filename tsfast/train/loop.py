@@ -93,6 +93,16 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     )
 
 
+def optimizer_step(model, optimizer, scaler, grad_clip: float) -> None:
+    """Clip (after unscaling fp16 gradients), step, update the scaler, drop the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: dict | None = None):
         self.cfg = cfg
@@ -229,12 +239,7 @@ class Trainer:
                     _, loss = self.train_model(x, y)
                 self.scaler.scale(loss / self.accum).backward()
             total += loss.detach().float()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.grad_clip)
         return total / self.accum, lr
 
     @torch.no_grad()
