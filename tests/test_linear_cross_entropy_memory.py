@@ -13,46 +13,14 @@ V C) shrink by the same factor, so their ratio is gpt2's; only the chunked path'
 32 MiB logits chunk does not shrink, which makes the scaled check the stricter one.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-CHILD = r"""
-import json, resource, sys
-import torch
-from tsfast import reference
-
-mode, n, c, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-gen = torch.Generator().manual_seed(0)
-h = torch.randn(n, c, generator=gen).requires_grad_()
-w = (torch.randn(v, c, generator=gen) * 0.02).requires_grad_()
-t = torch.randint(0, v, (n,), generator=gen)
-t[::7] = -100
-fn = reference.linear_cross_entropy if mode == "chunked" else reference.linear_cross_entropy_full
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-loss = fn(h, w, t, ignore_index=-100, reduction="mean")
-loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mib": (peak - base) / 1024, "loss": loss.item()}))
-"""
-
-
-def _peak(mode: str, n: int, c: int, v: int) -> dict:
-    env = dict(os.environ, TSFAST_KERNELS="torch")
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(n), str(c), str(v)],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from tsfast.testing import loss_peak_memory
 
 
 def _check(n: int, c: int, v: int) -> None:
-    full = _peak("full", n, c, v)
-    chunked = _peak("chunked", n, c, v)
+    full = loss_peak_memory("full", n, c, v)
+    chunked = loss_peak_memory("chunked", n, c, v)
     ratio = chunked["peak_mib"] / full["peak_mib"]
     print(f"\nlinear_cross_entropy peak memory, N={n} C={c} V={v}, fp32 forward+backward: "
           f"full logits {full['peak_mib']:.0f} MiB, chunked {chunked['peak_mib']:.0f} MiB, ratio {ratio:.3f}")

@@ -69,3 +69,63 @@ def assert_parity(name: str, out: torch.Tensor, out_torch: torch.Tensor, ref: to
     assert err <= 2 * base + atol, (
         f"{name}: max error {err:.3e} > 2 x torch's {base:.3e} + atol {atol:.1e} (dtype {out_torch.dtype})"
     )
+
+
+# The child process of `loss_peak_memory`: one forward+backward of the loss, its peak memory.
+_LOSS_PEAK_CHILD = r"""
+import json, resource, sys, time
+import torch
+from tsfast import ops, reference
+
+mode, n, c, v, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+dtype = torch.float32 if device == "cpu" else torch.bfloat16
+gen = torch.Generator().manual_seed(0)
+h = torch.randn(n, c, generator=gen).to(device, dtype).requires_grad_()
+w = (torch.randn(v, c, generator=gen) * 0.02).to(device, dtype).requires_grad_()
+t = torch.randint(0, v, (n,), generator=gen).to(device)
+t[::7] = -100
+if mode == "full":
+    fn = reference.linear_cross_entropy_full
+else:
+    ops.use("triton" if mode == "triton" else "torch")
+    fn = ops.linear_cross_entropy
+if device == "cuda":
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start = time.perf_counter()
+loss = fn(h, w, t, ignore_index=-100, reduction="mean")
+loss.backward()
+if device == "cuda":
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+seconds = time.perf_counter() - start
+print(json.dumps({"peak_mib": (peak - base) / 2**20, "loss": loss.item(), "seconds": seconds}))
+"""
+
+
+def loss_peak_memory(mode: str, n: int, c: int, v: int, device: str = "cpu") -> dict:
+    """Peak memory that one forward+backward of the LM loss adds, in a fresh process.
+
+    mode: "full" (the full-logits oracle), "chunked" (ops.linear_cross_entropy on torch) or
+    "triton". On CPU the figure is the growth of peak RSS (ru_maxrss) over what the process
+    held once the inputs existed (torch has no CPU allocator statistics; big CPU tensors are
+    mmap'd and given back on free, so peak RSS tracks the peak of live tensors); on CUDA it
+    is max_memory_allocated above the allocation before. Returns {"peak_mib", "loss", "seconds"}.
+    """
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TSFAST_KERNELS="torch")
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOSS_PEAK_CHILD, mode, str(n), str(c), str(v), device],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"loss_peak_memory({mode}) failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -69,8 +69,14 @@ def barrier(d: Dist) -> None:
         dist.barrier(group=d.flag_group)
 
 
-def shutdown(d: Dist) -> None:
+def shutdown(d: Dist, wait_for_peers: bool = False) -> None:
+    """Leave the process group. After a finished run, first wait for every rank: rank 0 may
+    still be sampling, and a gloo group torn down under a live peer aborts the process
+    ("terminate called without an active exception", seen in CI). After an error, don't
+    wait: the peers may be gone."""
     if d.enabled and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier(group=d.flag_group)
         dist.destroy_process_group()
 
 

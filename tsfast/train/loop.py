@@ -412,14 +412,14 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         self.signals.restore()
         self.log.close()
         if self.meter is not None:
             from tsfast import meter
 
             meter.disable()
-        distributed.shutdown(self.dist)
+        distributed.shutdown(self.dist, wait_for_peers=finished)
 
 
 def train(cfg: TrainConfig, *, resume: dict | None = None, stop_at: int | None = None) -> TrainResult:
@@ -427,7 +427,10 @@ def train(cfg: TrainConfig, *, resume: dict | None = None, stop_at: int | None =
     after that iteration as a signal would (write resume.pt), e.g. to test resuming."""
     with ops.use(cfg.kernels):  # --kernels, for this run only
         trainer = Trainer(cfg, resume=resume)
+        finished = False
         try:
-            return trainer.run(stop_at=stop_at)
+            result = trainer.run(stop_at=stop_at)
+            finished = True
+            return result
         finally:
-            trainer.close()
+            trainer.close(finished=finished)
