@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from tsfast import ops
 from tsfast.config import GPTConfig
-from tsfast.reference import rope_cos_sin
 
 
 class KVCache:
@@ -109,7 +108,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(C, config.bias)
         if config.pos == "rope":
-            cos, sin = rope_cos_sin(config.block_size, config.head_dim, base=config.rope_base)
+            cos, sin = ops.rope_cos_sin(config.block_size, config.head_dim, base=config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (T, hs/2) fp32
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -124,7 +123,7 @@ class GPT(nn.Module):
         super()._apply(fn, *args, **kwargs)
         if self.config.pos == "rope" and self.rope_cos.dtype != torch.float32:
             c = self.config
-            self.rope_cos, self.rope_sin = rope_cos_sin(
+            self.rope_cos, self.rope_sin = ops.rope_cos_sin(
                 c.block_size, c.head_dim, base=c.rope_base, device=self.rope_cos.device
             )
         return self
