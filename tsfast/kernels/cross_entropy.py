@@ -225,7 +225,7 @@ def _reduce(loss_rows, row_scale, reduction):
 
 
 # ----------------------------------------------------------------------------- cross_entropy
-# Entry points of this file (here and below) are called by tsfast/ops/cross_entropy.py, which
+# Entry points of this file (here and below) are called by tsfast/ops/losses.py, which
 # registers them as torch.library custom ops and validates the arguments first.
 
 

@@ -4,8 +4,8 @@
     ops.rope_attention(q, k, v, cos, sin, causal=True, doc_ids=None)   # ops/attention.py
     ops.layernorm_linear(x, ln_w, ln_b, w, b, activation="gelu_tanh")   # ops/layernorm.py
     ops.layer_norm(x, w, b)                                             # ops/layernorm.py
-    ops.cross_entropy(logits, targets)                                  # ops/cross_entropy.py
-    ops.linear_cross_entropy(h, w, targets)                             # ops/cross_entropy.py
+    ops.cross_entropy(logits, targets)                                  # ops/losses.py
+    ops.linear_cross_entropy(h, w, targets)                             # ops/losses.py
     ops.use("auto" | "triton" | "torch")   # also a context manager; or TSFAST_KERNELS
 
 Each op module holds its contract (the module docstring), argument checks, cost formula,
@@ -16,7 +16,7 @@ selection: ops/_backend.py. The layers and the numerics rule: docs/design.md.
 
 from tsfast.ops._backend import BACKENDS, BackendUnavailable, get_backend, triton_cannot_run, use
 from tsfast.ops.attention import KERNEL_HEAD_DIMS, rope_attention
-from tsfast.ops.cross_entropy import cross_entropy, linear_cross_entropy
+from tsfast.ops.losses import cross_entropy, linear_cross_entropy
 from tsfast.ops.layernorm import layer_norm, layernorm_linear
 from tsfast.ops.rotary import doc_positions, rope_cos_sin
 
