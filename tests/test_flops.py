@@ -3,12 +3,11 @@
 import random
 
 import pytest
+import reference64
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import reference64
-
-from tsfast import flops, ops
+from tsfast import flops
 from tsfast.ops import attention, layernorm, losses
 
 

@@ -19,10 +19,10 @@ import subprocess
 import sys
 
 import pytest
+import reference64
 import torch
 import torch.nn.functional as F
 
-import reference64
 from tsfast import ops
 from tsfast.ops import _chunked_loss as chunked
 from tsfast.ops.rotary import apply_rope

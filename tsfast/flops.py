@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+
 @dataclass(frozen=True)
 class OpCost:
     """What one call of an op does: FLOPs (compute-bound ops) or bytes (memory-bound ones)."""

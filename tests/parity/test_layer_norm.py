@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import reference64
+import torch
 
 from tsfast import ops
 from tsfast.testing import (

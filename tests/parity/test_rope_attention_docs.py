@@ -9,7 +9,7 @@ import reference64
 import torch
 
 from tsfast import ops
-from tsfast.testing import assert_parity, device_for_tests, interpreter_ready
+from tsfast.testing import assert_parity, device_for_tests
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 

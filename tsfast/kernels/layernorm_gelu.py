@@ -61,7 +61,7 @@ from tsfast.kernels.layernorm_gelu_backward import (
     n_bucket,
 )
 
-__all__ = ["layernorm_linear", "layer_norm", "report_cases"]
+__all__ = ["layernorm_linear_forward", "layernorm_linear_backward", "layer_norm_forward", "layer_norm_backward", "report_cases"]
 
 # ----------------------------------------------------------------------------- kernels
 

@@ -16,8 +16,8 @@ selection: ops/_backend.py. The layers and the numerics rule: docs/design.md.
 
 from tsfast.ops._backend import BACKENDS, BackendUnavailable, get_backend, triton_cannot_run, use
 from tsfast.ops.attention import KERNEL_HEAD_DIMS, rope_attention
-from tsfast.ops.losses import cross_entropy, linear_cross_entropy
 from tsfast.ops.layernorm import layer_norm, layernorm_linear
+from tsfast.ops.losses import cross_entropy, linear_cross_entropy
 from tsfast.ops.rotary import doc_positions, rope_cos_sin
 
 __all__ = [

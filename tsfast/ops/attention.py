@@ -254,7 +254,8 @@ def _triton_path(q, k, v, cos, sin, doc_ids, causal, scale, dropout_p):
     return _triton_fwd(q, k, v, cos, sin, doc_ids, bool(causal), scale)[0]
 
 
-def _kernel_declines(q, k, dropout_p, doc_ids) -> str | None:
+def kernel_declines(q, k, *, dropout_p: float, doc_ids) -> str | None:
+    """Why the Triton kernel cannot take this call (None if it can); reads only shapes and dtypes."""
     D = q.shape[-1]
     if doc_ids is not None:
         return "document masking is not in the Triton kernel yet"
@@ -276,7 +277,7 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     q: (B, H, Tq, D); k, v: (B, H, Tk, D); cos, sin: (Tk, D/2) fp32 or None;
     doc_ids: (B, Tk) non-decreasing ints or None. Returns (B, H, Tq, D) in q's dtype."""
     _validate(q, k, v, cos, sin, dropout_p, doc_ids)
-    triton = _backend.use_triton("rope_attention", q.device, _kernel_declines(q, k, dropout_p, doc_ids))
+    triton = _backend.use_triton("rope_attention", q.device, kernel_declines(q, k, dropout_p=dropout_p, doc_ids=doc_ids))
     impl = _triton_path if triton else _torch_path
 
     def cost():

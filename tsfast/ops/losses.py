@@ -35,7 +35,14 @@ import torch.nn.functional as F
 
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
-from tsfast.ops._checks import check_float, check_reduction, check_same, check_target_range, check_targets, float64_declined
+from tsfast.ops._checks import (
+    check_float,
+    check_reduction,
+    check_same,
+    check_target_range,
+    check_targets,
+    float64_declined,
+)
 from tsfast.ops._chunked_loss import linear_cross_entropy_chunked, reduce_rows
 
 # ----------------------------------------------------------------------------- cost
