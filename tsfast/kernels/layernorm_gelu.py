@@ -1,6 +1,6 @@
 """LayerNorm-GELU: LayerNorm fused into a matmul's prologue, bias + tanh-GELU in its epilogue.
 
-Ops (contracts in DESIGN.md): `layernorm_linear(x, ln_weight, ln_bias, weight, bias, *,
+Ops (contracts: tsfast/ops/layernorm.py, docs/design.md): `layernorm_linear(x, ln_weight, ln_bias, weight, bias, *,
 activation, eps)` = act(LN(x) @ W^T + b) for ln_1 -> c_attn and ln_2 -> c_fc -> GELU, and
 the standalone `layer_norm(x, weight, bias, eps)` for ln_f.
 
