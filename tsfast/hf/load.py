@@ -155,7 +155,10 @@ def load_model(spec: str | os.PathLike, device: str = "auto") -> LoadedModel:
     from tsfast.train.checkpoint import load_for_inference
 
     path = Path(spec)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "ckpt.pt").is_file():
+    if path.is_dir() and not (path / "config.json").is_file():
+        if not (path / "ckpt.pt").is_file():
+            raise CheckpointError(f"{path} holds neither config.json (a Hugging Face model) nor ckpt.pt "
+                                  "(a tsfast checkpoint): pass one of those, or train first (`uv run train.py`)")
         path = path / "ckpt.pt"
     if is_pretrained_spec(path):
         return load_pretrained(spec, device)
