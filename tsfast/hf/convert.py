@@ -75,6 +75,11 @@ def _require(ok: bool, what: str, source: str) -> None:
         raise ConversionError(f"{source}: {what}; tsfast cannot run this model exactly")
 
 
+def _require_match(ok: bool, what: str, source: str) -> None:
+    if not ok:
+        raise ConversionError(f"{source}: the weights do not fit config.json ({what}): a damaged or mixed-up directory")
+
+
 def _close(a, b) -> bool:
     return a is not None and math.isclose(float(a), float(b), rel_tol=1e-6)
 
@@ -209,7 +214,7 @@ def from_hf_state(tensors: dict[str, torch.Tensor], config: GPTConfig, hf_kind: 
     for ours, theirs in names.items():
         t = plain.pop(theirs, None)
         if t is None:
-            _require(ours.endswith(".bias") and hf_kind == "gpt_neox", f"tensor {theirs} is missing", source)
+            _require_match(ours.endswith(".bias") and hf_kind == "gpt_neox", f"tensor {theirs} is missing", source)
             continue  # attention_bias false: zero, like tsfast without biases
         t = _convert(hf_kind, ours, t, config.n_head, to_hf=False)
         if ours.endswith(".bias"):
@@ -218,7 +223,7 @@ def from_hf_state(tensors: dict[str, torch.Tensor], config: GPTConfig, hf_kind: 
     head = [plain.pop(n) for n in list(plain) if _is_output_layer(n)]
     _require(all(h.shape == state["wte.weight"].shape and torch.equal(h, state["wte.weight"]) for h in head),
              "an output layer different from the input embedding (tsfast ties them)", source)
-    _require(not plain, f"tensors tsfast has no place for: {', '.join(sorted(plain)[:4])}", source)
+    _require_match(not plain, f"tensors it does not describe: {', '.join(sorted(plain)[:3])}", source)
     if config.bias:
         for name in [n for n in state if n.endswith(".weight") and n != "wte.weight" and n != "wpe.weight"]:
             state.setdefault(name.removesuffix("weight") + "bias", _zero_bias(state[name]))
@@ -230,8 +235,8 @@ def from_hf_state(tensors: dict[str, torch.Tensor], config: GPTConfig, hf_kind: 
                  f"{state['wpe.weight'].shape[0]} positions, fewer than the context of {config.block_size}", source)
         state["wpe.weight"] = state["wpe.weight"][: config.block_size]
     wte = state["wte.weight"]
-    _require(wte.shape == (GPT2_VOCAB, config.n_embd),
-             f"an embedding of shape {tuple(wte.shape)}, expected ({GPT2_VOCAB}, {config.n_embd})", source)
+    _require_match(wte.shape == (GPT2_VOCAB, config.n_embd),
+                   f"an embedding of shape {tuple(wte.shape)}, not ({GPT2_VOCAB}, {config.n_embd})", source)
     pad = config.padded_vocab_size - GPT2_VOCAB
     state["wte.weight"] = torch.cat([wte, wte.mean(0, keepdim=True).expand(pad, -1)])
     return {k: v.contiguous() for k, v in state.items()}
