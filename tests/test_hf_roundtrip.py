@@ -5,13 +5,16 @@ the export back with tsfast's own tools."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 
+import numpy as np
 import pytest
 import torch
 from hf_helpers import HELD_OUT, SHAPE, gpt2_dir, greedy_both, max_logit_diff, random_ids  # noqa: F401
-from train_helpers import corpus, one_thread, small_config  # noqa: F401
+from train_helpers import REPO, corpus, one_thread, small_config  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, GPTNeoXForCausalLM
 
 from tsfast import ops
@@ -119,8 +122,6 @@ def test_exported_tokenizer_gives_tiktoken_ids(corpus, tmp_path):  # noqa: F811
     save_gpt2_tokenizer(tmp_path, model_max_length=1024)
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
     val = (corpus / "val.bin").read_bytes()
-    import numpy as np
-
     stories = get_tokenizer().decode(np.frombuffer(val, dtype=np.uint16)[:3000].tolist()).split("<|endoftext|>")
     texts = HELD_OUT + [s for s in stories if s.strip()][:5]
     for text in texts:
@@ -131,3 +132,29 @@ def test_exported_tokenizer_gives_tiktoken_ids(corpus, tmp_path):  # noqa: F811
     typed = "The end.<|endoftext|>"
     assert tok(typed)["input_ids"] == get_tokenizer().encode(typed, allowed_special="all")
     assert tok.eos_token_id == 50256 and tok.model_max_length == 1024
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sample_and_demo_run_an_export_like_the_checkpoint(corpus, tmp_path, capsys):  # noqa: F811
+    train(small_config(corpus, tmp_path, vocab="gpt2", pos="learned", max_iters=2, eval_interval=2))
+    out = export(tmp_path / "ckpt.pt", tmp_path / "export")
+    sample = _script("sample")
+    args = ["--temperature", "0", "--num-samples", "1", "--max-new-tokens", "12", "--device", "cpu"]
+    stories = []
+    for ckpt in (tmp_path / "ckpt.pt", out, tmp_path):  # a checkpoint, an export, a run directory
+        assert sample.main(["--ckpt", str(ckpt), *args]) == 0
+        captured = capsys.readouterr()
+        stories.append(captured.out.split("---\n", 1)[1].rsplit("\n1 sample(s)", 1)[0])
+        assert "model: tiny" in captured.err
+    assert stories[0] == stories[1] == stories[2] and len(stories[0]) > len("Once upon a time")
+
+    teller = _script("demo").StoryTeller(out, device="cpu")
+    assert teller.load() is not None and teller.error is None
+    assert "model **tiny**" in teller.info() and "context 32 tokens" in teller.info()
