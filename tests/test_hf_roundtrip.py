@@ -90,6 +90,8 @@ def test_rotary_model_exports_as_gpt_neox(corpus, tmp_path, bias):  # noqa: F811
     assert type(exported) is GPTNeoXForCausalLM
     c = exported.config
     assert c.use_parallel_residual is False and c.rope_parameters["partial_rotary_factor"] == 1.0
+    saved = json.loads((out / "config.json").read_text())  # older transformers read these keys
+    assert (saved["rotary_pct"], saved["rotary_emb_base"]) == (1.0, 10000.0)
     assert exported.get_output_embeddings().weight is exported.get_input_embeddings().weight
     for n in (1, 7, 32):
         assert max_logit_diff(loaded.model, exported, random_ids(n)) <= ATOL

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tsfast.hf.convert import EOT, GPT2_VOCAB, hf_config, to_hf_state
+from tsfast.hf.convert import EOT, GPT2_VOCAB, hf_config, legacy_rope_keys, to_hf_state
 from tsfast.hf.load import HF_EXTRA, METADATA
 
 EXIT_CHECKPOINT, EXIT_USAGE, EXIT_UPLOAD = 1, 2, 3
@@ -122,6 +122,9 @@ def export(ckpt_path: str | Path, out: str | Path, *, repo: str | None = None, f
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf.save_pretrained(str(tmp))
+        config = json.loads((tmp / "config.json").read_text())
+        config.update(legacy_rope_keys(model.config))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_gpt2_tokenizer(tmp, model_max_length=model.config.block_size)
         num_params = sum(p.numel() for p in hf.parameters())
         (tmp / METADATA).write_text(json.dumps(metadata(ckpt, num_params), indent=2) + "\n")

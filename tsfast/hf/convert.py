@@ -63,11 +63,20 @@ def hf_config(config: GPTConfig) -> dict:
         intermediate_size=4 * config.n_embd, hidden_act=TSFAST_ACTIVATION["gpt_neox"],
         layer_norm_eps=LN_EPS, use_parallel_residual=False, attention_bias=True,
         attention_dropout=config.dropout, hidden_dropout=config.dropout,
-        # Both spellings: transformers 5 reads rope_parameters, older releases rotary_pct and
-        # rotary_emb_base (whose default, 0.25, would silently rotate a quarter of each head).
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_base, "partial_rotary_factor": 1.0},
-        rotary_pct=1.0, rotary_emb_base=config.rope_base, **common,
+        **common,
     )
+
+
+def legacy_rope_keys(config: GPTConfig) -> dict:
+    """config.json keys for transformers releases before 5, which read rotary_pct and
+    rotary_emb_base, or rope_theta and partial_rotary_factor; transformers 5 writes only
+    rope_parameters. Without them transformers 4.57 rotates a quarter of each head (its
+    default) and the logits move by ~1e-3; with them they match to 2e-7."""
+    if config.pos == "learned":
+        return {}
+    return dict(rotary_pct=1.0, rotary_emb_base=config.rope_base, partial_rotary_factor=1.0,
+                rope_theta=config.rope_base)
 
 
 def _require(ok: bool, what: str, source: str) -> None:
