@@ -116,6 +116,15 @@ def test_rotary_model_exports_as_gpt_neox(corpus, tmp_path, bias):  # noqa: F811
     ids = random_ids(32)
     with torch.no_grad():
         torch.testing.assert_close(back.model(ids, all_logits=True)[0], loaded.model(ids, all_logits=True)[0])
+    if bias:  # and training can start from it: a rotary model stays rotary
+        cfg, _, _ = parse(init_args(corpus, tmp_path / "again", out))
+        assert (cfg.pos, cfg.n_layer, cfg.n_head, cfg.n_embd) == ("rope", 2, 2, 32)
+        with ops.use("torch"):
+            trainer = Trainer(cfg)
+            try:
+                assert max_logit_diff(trainer.model.eval(), exported, ids) <= ATOL
+            finally:
+                trainer.close()
 
 
 def test_exported_tokenizer_gives_tiktoken_ids(corpus, tmp_path):  # noqa: F811
