@@ -1,3 +1,12 @@
+# `uv run demo.py` reads this block (PEP 723) and sets up an environment with Gradio for it;
+# to `python demo.py` and the tests it is a comment.
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["tinystories-fast[demo,hf]"]
+#
+# [tool.uv.sources]
+# tinystories-fast = { path = ".", editable = true }
+# ///
 """Gradio demo: type the start of a story and watch a trained model continue it.
 
     uv run demo.py [--ckpt out/ckpt.pt] [--device auto] [--host 127.0.0.1] [--port 7870] [--share]
@@ -113,12 +122,13 @@ class StoryTeller:
 
     def load(self):
         """The LoadedModel, or None with `self.error` set to why not."""
-        from tsfast.train.checkpoint import CheckpointError, load_for_inference
+        from tsfast.hf.load import load_model
+        from tsfast.train.checkpoint import CheckpointError
 
         with self._lock:
             if self.loaded is None:
                 try:
-                    self.loaded = load_for_inference(self.ckpt, device=self.device)
+                    self.loaded = load_model(self.ckpt, device=self.device)
                     self.error = None
                 except (CheckpointError, ValueError, OSError) as e:
                     self.error = str(e)
@@ -274,7 +284,8 @@ def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto") -> gr.Bloc
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Gradio demo of a tsfast checkpoint.")
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default: %(default)s)")
+    p.add_argument("--ckpt", default="out/ckpt.pt",
+                   help="a checkpoint, an exported directory or a Hub repo id (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, mps or cpu (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 for the network (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
