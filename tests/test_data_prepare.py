@@ -20,6 +20,7 @@ from tsfast.data import sources
 from tsfast.data.loader import TokenData
 from tsfast.data.meta import validate
 from tsfast.data.tokenizer import EOT, decode, encode
+from tsfast.files import remove_stale_temporaries
 
 WORDS = ["Lily", "Tom", "ball", "happy", "ran", "the", "park", "café", "naïve", "日本",
          "😀", "Привет", "don't", "42", "3.5", "dog's", "!", "?", ",", '"', "(hi)", "—"]
@@ -332,6 +333,6 @@ def test_temporaries_of_live_runs_are_kept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / f".val.bin.tmp-{dead.pid}").write_bytes(b"x")
-    prep._remove_stale_temporaries(tmp_path)
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / f".val.bin.tmp-{dead.pid}"]
     assert [p.name for p in tmp_path.iterdir()] == [".train.bin.tmp-1"]
     os.remove(tmp_path / ".train.bin.tmp-1")
