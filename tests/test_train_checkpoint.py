@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from train_helpers import corpus, one_thread, small_config  # noqa: F401
+from train_helpers import corpus, one_thread, save_edited, small_config  # noqa: F401
 
 from tsfast.train import checkpoint as ckpt_io
 from tsfast.train.loop import train
@@ -98,13 +98,13 @@ def test_load_for_inference_errors(ckpt_path, tmp_path):
         ckpt_io.load_for_inference(broken)
     ckpt = torch.load(ckpt_path, weights_only=True)
     other = tmp_path / "other.pt"
-    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "n_layer": 3}}, other)
+    save_edited(other, ckpt, model_config={**ckpt["model_config"], "n_layer": 3})
     with pytest.raises(ckpt_io.CheckpointError, match="does not fit the model"):
         ckpt_io.load_for_inference(other)
-    torch.save({k: v for k, v in ckpt.items() if k != "model"}, other)
+    save_edited(other, {k: v for k, v in ckpt.items() if k != "model"})
     with pytest.raises(ckpt_io.CheckpointError, match="lacks model"):
         ckpt_io.load_for_inference(other)
-    torch.save({**ckpt, "format_version": 99}, other)
+    save_edited(other, ckpt, format_version=99)
     with pytest.raises(ckpt_io.CheckpointError, match="update tsfast"):
         ckpt_io.load_for_inference(other)
     assert issubclass(ckpt_io.CheckpointError, ValueError)

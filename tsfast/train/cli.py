@@ -5,16 +5,23 @@
     --set KEY=VALUE     any config field (repeatable); also --KEY VALUE for every field
     --resume [PATH]     continue from PATH (default: <out_dir>/resume.pt)
 
-Exit codes: 0 done; 1 the loss became non-finite; 2 bad input (one message, nothing written);
-128 + N stopped by signal N after writing resume.pt (130 SIGINT, 143 SIGTERM).
+Exit codes: 0 done; 1 the loss became non-finite; 2 bad input (one message, nothing written:
+flags, config, data, checkpoint, an --out_dir that is a file, not writable or in use by
+another run, a run that cannot fit in memory); 3 a write into --out_dir failed mid-run (disk
+full, permission; the last good checkpoints stay); 128 + N stopped by signal N after writing
+resume.pt (129 SIGHUP, 130 SIGINT, 141 stdout closed, 143 SIGTERM), or at once, without
+saving, on a second signal (the same code).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from tsfast.config import (
@@ -29,6 +36,7 @@ from tsfast.config import (
 
 EXIT_NONFINITE = 1
 EXIT_BAD_INPUT = 2
+EXIT_OUTPUT = 3
 
 
 class UsageError(ValueError):
@@ -44,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train.py",
         description="Train a GPT on TinyStories (or the synthetic corpus).",
-        epilog="Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped by signal N "
-        "(resume.pt written). Several processes: torchrun --standalone --nproc_per_node=N train.py ...",
+        epilog="Exit codes: 0 done, 1 non-finite loss, 2 bad input, 3 a write into --out_dir failed "
+        "mid-run, 128+N stopped by signal N (resume.pt written). Several processes: "
+        "torchrun --standalone --nproc_per_node=N train.py ...",
         allow_abbrev=False,
     )
     p.add_argument("--config", help=f"preset: {', '.join(PRESETS)} (default: baby_gpu with CUDA, else tiny)")
@@ -86,10 +95,14 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set {item!r} needs the form key=value, e.g. --set lr=3e-4")
-        overrides[key.strip()] = value.strip()
+        overrides[key.strip().replace("-", "_")] = value.strip()
     for name in overridable_fields():
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+        value = getattr(args, name)
+        if value is not None:
+            if name in overrides and overrides[name] != value:
+                raise UsageError(f"{name} is given twice: --set {name}={overrides[name]} and --{name} "
+                                 f"{value}; give it once")
+            overrides[name] = value
     notes = []
     resume = None
     if args.resume is not None:
@@ -97,7 +110,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
 
         out_dir = overrides.get("out_dir", "out")
         path = Path(out_dir) / "resume.pt" if args.resume == "auto" else Path(args.resume)
-        resume = ckpt_io.read_checkpoint(path, resume=True)
+        resume = ckpt_io.read_checkpoint(path, resume=True, note=lambda line: notes.append(f"note: {line}"))
         if args.config is None:
             try:
                 base = TrainConfig(**resume["train_config"])
@@ -124,10 +137,33 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
     return cfg, resume, notes
 
 
+def _raise_interrupted(signum, frame):
+    from tsfast.train.loop import Interrupted
+
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Until the loop installs its own handlers: SIGTERM and SIGHUP stop start-up as Ctrl-C
+    does (one line, exit code 128 + N) instead of killing the process mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tsfast.clitools import EXIT_BROKEN_PIPE, silence_stdout
     from tsfast.ops import BackendUnavailable
     from tsfast.train.checkpoint import CheckpointError
     from tsfast.train.loop import NonFiniteLoss, train
+    from tsfast.train.outdir import OutDirError, OutputError
     from tsfast.train.runtime import DeviceError
 
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -135,19 +171,33 @@ def main(argv: list[str] | None = None) -> int:
         from tsfast.data.meta import DataError
     except ImportError:  # the data package is absent: nothing raises its error
         DataError = ConfigError
+    bad_input = (UsageError, ConfigError, CheckpointError, DeviceError, BackendUnavailable, DataError, OutDirError)
     try:
-        cfg, resume, notes = parse(argv)
-        if is_main:
-            for line in notes:
-                print(line, flush=True)
-        result = train(cfg, resume=resume)
-    except (UsageError, ConfigError, CheckpointError, DeviceError, BackendUnavailable, DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        with _signals_interrupt():
+            cfg, resume, notes = parse(argv)
+            if is_main:
+                for line in notes:
+                    print(line, flush=True)
+            result = train(cfg, resume=resume)
+    except bad_input as e:
+        return _fail(f"train.py: error: {e}", EXIT_BAD_INPUT)
     except NonFiniteLoss as e:
-        print(f"train.py: {e}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
-    except KeyboardInterrupt:
-        print("train.py: interrupted (a second signal stops at once, without saving)", file=sys.stderr, flush=True)
-        return 130
+        return _fail(f"train.py: {e}", EXIT_NONFINITE)
+    except OutputError as e:
+        return _fail(f"train.py: error: {e}", EXIT_OUTPUT)
+    except BrokenPipeError:  # stdout's reader left before the run started
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        return _fail(f"train.py: stopped by {signal.Signals(signum).name} without saving "
+                     "(the last good checkpoints stay)", 128 + signum)
     return result.exit_code
+
+
+def _fail(message: str, code: int) -> int:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    return code
