@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tsfast.clitools import quiet_exits
 from tsfast.data import meta as fmt
 from tsfast.data.sources import (
     HUB_FILES,
@@ -350,6 +351,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@quiet_exits
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tsfast.data.prepare",
