@@ -399,3 +399,21 @@ def test_stdout_closed_by_its_reader_stops_like_sigpipe(corpus, tmp_path, capsys
 
     assert ckpt_io.read_checkpoint(out / "resume.pt", resume=True)["step"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "resume.pt"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_start_up_exits_128_plus_n(corpus, tmp_path, capsys, monkeypatch, signum):  # noqa: F811
+    from tsfast.train import data as data_mod
+
+    real = data_mod.open_corpus
+
+    def open_corpus(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "open_corpus", open_corpus)
+    out, handler = tmp_path / "out", signal.getsignal(signum)
+    assert main(small_args(corpus, out)) == 128 + signum
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err == f"train.py: stopped by {name} without saving (the last good checkpoints stay)\n"
+    assert not out.exists() and signal.getsignal(signum) == handler  # the handlers are restored

@@ -16,12 +16,10 @@ saving, on a second signal (the same code).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from tsfast.config import (
@@ -137,27 +135,6 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
     return cfg, resume, notes
 
 
-def _raise_interrupted(signum, frame):
-    from tsfast.train.loop import Interrupted
-
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _signals_interrupt():
-    """Until the loop installs its own handlers: SIGTERM and SIGHUP stop start-up as Ctrl-C
-    does (one line, exit code 128 + N) instead of killing the process mid-write."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     from tsfast.clitools import EXIT_BROKEN_PIPE, silence_stdout
     from tsfast.ops import BackendUnavailable
@@ -165,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from tsfast.train.loop import NonFiniteLoss, train
     from tsfast.train.outdir import OutDirError, OutputError
     from tsfast.train.runtime import DeviceError
+    from tsfast.train.signals import startup_signals
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -173,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError = ConfigError
     bad_input = (UsageError, ConfigError, CheckpointError, DeviceError, BackendUnavailable, DataError, OutDirError)
     try:
-        with _signals_interrupt():
+        with startup_signals():
             cfg, resume, notes = parse(argv)
             if is_main:
                 for line in notes:

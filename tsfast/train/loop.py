@@ -11,7 +11,7 @@ Before any work: the device, dtype, kernels, seed and a memory estimate are chec
 
 Stops early, always at a step boundary and on every rank at the same step:
 - SIGINT / SIGTERM / SIGHUP: writes out/resume.pt, exit code 128 + the signal number; a
-  second signal stops at once, without saving, with the same code (`Interrupted`);
+  second signal stops at once, without saving, with the same code (tsfast.train.signals);
 - stdout closed by its reader (`train.py | head`): like a signal, SIGPIPE's 141;
 - a non-finite loss: `NonFiniteLoss` naming the step, nothing written (the last good
   checkpoints stay). Losses are checked on the device every step and read back at log and
@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from tsfast.train.ckpt_fields import CheckpointError, check_optimizer_state
 from tsfast.train.logs import RunLog
 from tsfast.train.outdir import OutputError
 from tsfast.train.schedule import lr_at
+from tsfast.train.signals import StopSignals
 
 SAMPLE_PROMPT = "Once upon a time"
 DEBUG_DUMP_ENV = "TSFAST_DEBUG_DUMP"  # test aid: a directory for one JSON per rank at the end
@@ -55,47 +55,14 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """A second stop signal: the run ends at once, without saving; exit code 128 + signum."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 @dataclass
 class TrainResult:
     step: int
     best_val_loss: float | None
     val_loss: float | None
-    stopped_by: str | None  # None when max_iters was reached, else "SIGINT", "SIGTERM" or "stop_at"
+    stopped_by: str | None  # None when max_iters was reached, else "SIGINT", "SIGTERM", "SIGPIPE", ... or "stop_at"
     exit_code: int
     sample: str | None
-
-
-class StopSignals:
-    """SIGINT/SIGTERM/SIGHUP ask the loop to stop after the current step; a second one
-    raises Interrupted (it stops now)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise Interrupted(signum)
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

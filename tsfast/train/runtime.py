@@ -1,4 +1,5 @@
-"""Where and in what precision training runs: device, dtype, autocast, the kernels preflight."""
+"""Where and in what precision training runs: device, dtype, autocast, the kernels preflight,
+and whether the run fits in the device's memory at all."""
 
 from __future__ import annotations
 
