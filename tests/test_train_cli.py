@@ -417,3 +417,19 @@ def test_a_signal_during_start_up_exits_128_plus_n(corpus, tmp_path, capsys, mon
     name = signal.Signals(signum).name
     assert capsys.readouterr().err == f"train.py: stopped by {name} without saving (the last good checkpoints stay)\n"
     assert not out.exists() and signal.getsignal(signum) == handler  # the handlers are restored
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import errno
+
+    from tsfast.train import outdir
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outdir.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    assert main(small_args(corpus, out, max_iters=1, eval_interval=1)) == 0
+    assert f"warning: {out} cannot be locked (No locks available): make sure no other run writes into it" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]

@@ -327,6 +327,8 @@ class Trainer:
         cfg = self.cfg
         say = self.log.say
         say(self.corpus.why)
+        if self.lock is not None and self.lock.warning:
+            self.log.warn(self.lock.warning)
         say(f"model: {cfg.name}, {self.num_params:,} parameters ({self.num_params / 1e6:.2f}M), "
             f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}, "
             f"vocabulary {self.corpus.vocab_size} (padded to {self.model.config.padded_vocab_size})")

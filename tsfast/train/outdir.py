@@ -19,10 +19,14 @@ changed) stops the run with one line. Writes are atomic, so the previous checkpo
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs go unlocked (`RunLock.warning` says so)
+    fcntl = None
 
 from tsfast.files import human_bytes, remove_stale_temporaries
 
@@ -66,10 +70,11 @@ def _prepare(path: Path) -> list[Path]:
 class RunLock:
     """The flock on `<out_dir>/.lock` that keeps a second run out; `release()` ends it."""
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, warning: str | None = None):
         self.path = path
         self.fd: int | None = fd
         self.created: list[Path] = []  # removed on release while empty
+        self.warning = warning  # why the directory could not be locked, if it could not
 
     @classmethod
     def acquire(cls, out_dir: Path) -> RunLock:
@@ -81,12 +86,15 @@ class RunLock:
                 raise OutDirError(f"cannot write in --out_dir {out_dir} ({e.strerror}); pick another "
                                   "--out_dir or make it writable") from None
             try:
+                if fcntl is None:
+                    raise OSError(errno.ENOSYS, "no flock on this system")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):  # a filesystem without locks
+                    return cls(path, fd, warning=f"warning: {out_dir} cannot be locked ({e.strerror}): "
+                               "make sure no other run writes into it")
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise OutDirError(f"cannot lock {path} ({e.strerror}); pick another --out_dir") from None
                 raise OutDirError(
                     f"--out_dir {out_dir} is in use by another training run (pid {holder}, see {path}); "
                     "wait for it to end, stop it, or pick another --out_dir"
