@@ -1,14 +1,18 @@
-"""Where and in what precision training runs: device, dtype, autocast, the kernels preflight."""
+"""Where and in what precision training runs: device, dtype, autocast, the kernels preflight,
+and whether the run fits in the device's memory at all."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
 import torch
 
 from tsfast import ops
+from tsfast.config import ConfigError
+from tsfast.files import human_bytes
 from tsfast.ops import attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,6 +86,55 @@ def preflight_kernels(backend: str, device: torch.device, head_dim: int) -> None
     declined = attention.kernel_declines(q, q, dropout_p=0.0, doc_ids=None)
     if declined:
         raise ops.BackendUnavailable(f"--kernels triton cannot run rope_attention for this model: {declined}")
+
+
+def memory_estimate(cfg, vocab_size: int = 50257) -> tuple[int, int, int]:
+    """(bytes in all, bytes for weights + gradients + AdamW state, bytes of activations): a
+    rough lower bound for one training process. 16 bytes a parameter (fp32 weights,
+    gradients, two moments); 34 bytes per token, layer and unit of width for what the
+    backward pass keeps (Korthikanti et al. 2022, with fused attention: no T x T scores)."""
+    c, layers, t = cfg.n_embd, cfg.n_layer, cfg.block_size
+    params = -(-vocab_size // 64) * 64 * c + layers * (12 * c * c + 13 * c) + 2 * c
+    params += t * c if cfg.pos == "learned" else 0
+    state = 16 * params
+    activations = 34 * cfg.batch_size * t * c * layers + 16 * cfg.batch_size * (t + 1)
+    return state + activations, state, activations
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory `device` has in all (for the CPU: RAM, or the cgroup's limit if lower)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "mps":
+            return int(torch.mps.recommended_max_memory())
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_memory(cfg, device: torch.device) -> None:
+    """Refuse, with the numbers, a run whose memory estimate exceeds what the device has."""
+    total = device_memory(device)
+    needed, state, activations = memory_estimate(cfg)
+    if device.type == "cpu":  # the processes of a node share its RAM
+        needed *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if total is None or needed <= total:
+        return
+    raise ConfigError(
+        f"this run needs at least {human_bytes(needed)} of memory ({human_bytes(state)} for the weights, "
+        f"gradients and AdamW state, {human_bytes(activations)} for the activations of batch_size "
+        f"{cfg.batch_size} x block_size {cfg.block_size}), but the {device.type} has {human_bytes(total)}; "
+        "lower batch_size (raise grad_accum to keep the tokens per step), block_size, n_embd or n_layer"
+    )
 
 
 def seed_everything(seed: int) -> None:
