@@ -47,11 +47,11 @@ _alloc_output = torch.empty  # every kernel output is allocated through this: te
 
 
 @triton.jit
-def _load_rot(x_ptr, stride_t, rows, T, cos_ptr, sin_ptr, HALF: tl.constexpr, ROPE: tl.constexpr):
+def _load_rot(x_ptr, stride_t, rows, pos, T, cos_ptr, sin_ptr, HALF: tl.constexpr, ROPE: tl.constexpr):
     """Rows `rows` of one (T, D) head as two (rows, D/2) halves, rotated when ROPE.
 
-    x_ptr: first element of this head's (T, D) matrix; cos_ptr, sin_ptr: (T, D/2) fp32 tables.
-    Rows at or past T load as 0.
+    x_ptr: first element of this head's (T, D) matrix; cos_ptr, sin_ptr: (T, D/2) fp32 tables,
+    read at the rows' rotary positions `pos`. Rows at or past T load as 0.
     """
     cols = tl.arange(0, HALF)
     in_rows = (rows < T)[:, None]
@@ -59,7 +59,7 @@ def _load_rot(x_ptr, stride_t, rows, T, cos_ptr, sin_ptr, HALF: tl.constexpr, RO
     x1 = tl.load(ptrs, mask=in_rows, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=in_rows, other=0.0)
     if ROPE:
-        table = rows[:, None] * HALF + cols[None, :]
+        table = pos[:, None] * HALF + cols[None, :]
         c = tl.load(cos_ptr + table, mask=in_rows, other=0.0)
         s = tl.load(sin_ptr + table, mask=in_rows, other=0.0)
         x1f = x1.to(tl.float32)
@@ -83,12 +83,13 @@ def _dot_halves(a1, a2, b1, b2, HALF: tl.constexpr, DOT_PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _store_unrot(ptr, rows, T, g1, g2, cos_ptr, sin_ptr, HALF: tl.constexpr, ROPE: tl.constexpr):
-    """Store fp32 gradient halves of rotated rows as R^T g into a contiguous (T, D) head at ptr."""
+def _store_unrot(ptr, rows, pos, T, g1, g2, cos_ptr, sin_ptr, HALF: tl.constexpr, ROPE: tl.constexpr):
+    """Store fp32 gradient halves of rotated rows (rotary positions `pos`) as R^T g into a
+    contiguous (T, D) head at ptr."""
     cols = tl.arange(0, HALF)
     in_rows = (rows < T)[:, None]
     if ROPE:
-        table = rows[:, None] * HALF + cols[None, :]
+        table = pos[:, None] * HALF + cols[None, :]
         c = tl.load(cos_ptr + table, mask=in_rows, other=0.0)
         s = tl.load(sin_ptr + table, mask=in_rows, other=0.0)
         g1, g2 = g1 * c + g2 * s, g2 * c - g1 * s
@@ -98,24 +99,91 @@ def _store_unrot(ptr, rows, T, g1, g2, cos_ptr, sin_ptr, HALF: tl.constexpr, ROP
 
 
 @triton.jit
-def _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, lo, hi, k_ptr, v_ptr, stride_kt, stride_vt,
-               cos_ptr, sin_ptr, T, qk_scale,
-               HALF: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-               ROPE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi); MASKED applies the causal and tail masks."""
+def _doc_pos(rows, start_ptr, T, base, ROPE: tl.constexpr, DOC_MASK: tl.constexpr, GATHER: tl.constexpr):
+    """Rotary positions of `rows`: their index, or with DOC_MASK their index minus their
+    document's start, gathered per row (GATHER) or, in blocks wholly inside one document, `base`."""
+    pos = rows
+    if DOC_MASK and ROPE:
+        if GATHER:
+            pos = rows - tl.load(start_ptr + rows, mask=rows < T, other=0)
+        else:
+            pos = rows - base
+    return pos
+
+
+@triton.jit
+def _doc_key_range(start_ptr, end_ptr, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """Key blocks a query block visits with DOC_MASK: [lo, mid_lo) masked, [mid_lo, mid_hi)
+    unmasked (every key visible to every row), [mid_hi, hi) masked; and the one document start
+    of the unmasked blocks. start_ptr, end_ptr: this row's (T,) int32 document bounds."""
+    last = tl.minimum(start_m + BLOCK_M, T) - 1
+    last_start = tl.load(start_ptr + last)
+    lo = tl.load(start_ptr + start_m) // BLOCK_N * BLOCK_N  # nothing before the first row's document
+    if CAUSAL:
+        hi = last + 1
+        full_hi = start_m  # blocks wholly below the diagonal
+    else:
+        hi = tl.load(end_ptr + last)
+        full_hi = tl.load(end_ptr + start_m) // BLOCK_N * BLOCK_N  # wholly inside the first row's document
+    mid_lo = tl.minimum((last_start + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
+    mid_hi = tl.maximum(mid_lo, full_hi)
+    return lo, mid_lo, mid_hi, tl.maximum(mid_hi, hi), last_start
+
+
+@triton.jit
+def _doc_query_range(start_ptr, end_ptr, start_n, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+    """The query blocks a key block's dk/dv program visits with DOC_MASK, staged as in
+    `_doc_key_range`: they end at the last row of the last key's document."""
+    last = tl.minimum(start_n + BLOCK_N, T) - 1
+    last_start = tl.load(start_ptr + last)
+    hi = tl.load(end_ptr + last)
+    if CAUSAL:
+        lo = start_n  # BLOCK_N % BLOCK_M == 0
+        full_lo = start_n + BLOCK_N  # blocks wholly past the diagonal
+    else:
+        lo = tl.load(start_ptr + start_n) // BLOCK_M * BLOCK_M
+        full_lo = 0
+    mid_lo = tl.minimum(tl.maximum((last_start + BLOCK_M - 1) // BLOCK_M * BLOCK_M, full_lo), hi)
+    mid_hi = tl.maximum(mid_lo, tl.load(end_ptr + start_n) // BLOCK_M * BLOCK_M)
+    return lo, mid_lo, mid_hi, tl.maximum(mid_hi, hi), last_start
+
+
+@triton.jit
+def _row_keep(offs_m, offs_n, row_start, row_end, T, CAUSAL: tl.constexpr, DOC_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask of the keys each query row attends; row_start, row_end: the
+    rows' document bounds (read only with DOC_MASK)."""
+    keep = (offs_n < T)[None, :]
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    if DOC_MASK:
+        keep = keep & (offs_n[None, :] >= row_start[:, None])
+        if not CAUSAL:  # causal: s <= t < end[t] already
+            keep = keep & (offs_n[None, :] < row_end[:, None])
+    return keep
+
+
+@triton.jit
+def _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, row_start, row_end, doc_start, lo, hi, k_ptr, v_ptr,
+               stride_kt, stride_vt, start_ptr, cos_ptr, sin_ptr, T, qk_scale,
+               HALF: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+               MASKED: tl.constexpr, DOC_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); MASKED applies the causal, document and tail masks."""
     cols = tl.arange(0, 2 * HALF)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k1, k2 = _load_rot(k_ptr, stride_kt, offs_n, T, cos_ptr, sin_ptr, HALF, ROPE)
+        pos_n = _doc_pos(offs_n, start_ptr, T, doc_start, ROPE, DOC_MASK, MASKED)
+        k1, k2 = _load_rot(k_ptr, stride_kt, offs_n, pos_n, T, cos_ptr, sin_ptr, HALF, ROPE)
         z = _dot_halves(q1, q2, k1, k2, HALF, DOT_PRECISION) * qk_scale
         if MASKED:
-            keep = (offs_n < T)[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            z = tl.where(keep, z, float("-inf"))
+            z = tl.where(_row_keep(offs_m, offs_n, row_start, row_end, T, CAUSAL, DOC_MASK), z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        p = tl.math.exp2(z - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_sub = m_new
+        if DOC_MASK and MASKED:  # a row may have seen no key yet: exp2(-inf - -inf) would be NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(z - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vt + cols[None, :], mask=(offs_n < T)[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -127,12 +195,13 @@ def _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, lo, hi, k_ptr, v_ptr, stride_kt, s
 def _fwd_kernel(
     Q, K, V,  # *(B, H, T, D) inputs, last dim contiguous, other strides free
     COS, SIN,  # *(T, D/2) fp32 rotary tables (not read when ROPE is False)
+    START, END,  # *(B, T) int32: first index of each token's document, one past its last (DOC_MASK only)
     OUT,  # *(B, H, T, D) contiguous output
     LSE,  # *(B*H, T) fp32 output: base-2 log-sum-exp of each row's scaled scores
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     H, T, qk_scale,  # qk_scale = scale * log2(e)
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, DOC_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -143,25 +212,41 @@ def _fwd_kernel(
     k_ptr = K + b.to(tl.int64) * stride_kb + h * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + h * stride_vh
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q1, q2 = _load_rot(q_ptr, stride_qt, offs_m, T, COS, SIN, HALF, ROPE)
-
+    in_rows = offs_m < T
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Unmasked stage: whole key blocks below the diagonal (causal) or before the tail.
-    if CAUSAL:
-        split = start_m  # BLOCK_M % BLOCK_N == 0, so a whole number of key blocks
-        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    if DOC_MASK:
+        start_ptr = START + b.to(tl.int64) * T
+        end_ptr = END + b.to(tl.int64) * T
+        row_start = tl.load(start_ptr + offs_m, mask=in_rows, other=0)
+        row_end = tl.load(end_ptr + offs_m, mask=in_rows, other=T)  # padding rows: no NaN
+        q1, q2 = _load_rot(q_ptr, stride_qt, offs_m, offs_m - row_start, T, COS, SIN, HALF, ROPE)
+        lo, mid_lo, mid_hi, hi, doc_start = _doc_key_range(start_ptr, end_ptr, start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
+        acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, row_start, row_end, doc_start, lo, mid_lo,
+                                   k_ptr, v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale,
+                                   HALF, BLOCK_N, CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, row_start, row_end, doc_start, mid_lo, mid_hi,
+                                   k_ptr, v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale,
+                                   HALF, BLOCK_N, CAUSAL, ROPE, False, DOC_MASK, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, row_start, row_end, doc_start, mid_hi, hi,
+                                   k_ptr, v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale,
+                                   HALF, BLOCK_N, CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
     else:
-        split = (T // BLOCK_N) * BLOCK_N
-        masked_hi = T
-    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, 0, split, k_ptr, v_ptr, stride_kt,
-                               stride_vt, COS, SIN, T, qk_scale, HALF, BLOCK_N, CAUSAL, ROPE,
-                               False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, split, masked_hi, k_ptr, v_ptr,
-                               stride_kt, stride_vt, COS, SIN, T, qk_scale, HALF, BLOCK_N, CAUSAL,
-                               ROPE, True, DOT_PRECISION)
-    in_rows = offs_m < T
+        q1, q2 = _load_rot(q_ptr, stride_qt, offs_m, offs_m, T, COS, SIN, HALF, ROPE)
+        # Unmasked stage: whole key blocks below the diagonal (causal) or before the tail.
+        if CAUSAL:
+            split = start_m  # BLOCK_M % BLOCK_N == 0, so a whole number of key blocks
+            masked_hi = tl.minimum(start_m + BLOCK_M, T)
+        else:
+            split = (T // BLOCK_N) * BLOCK_N
+            masked_hi = T
+        acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, offs_m, offs_m, 0, 0, split, k_ptr, v_ptr,
+                                   stride_kt, stride_vt, START, COS, SIN, T, qk_scale, HALF, BLOCK_N,
+                                   CAUSAL, ROPE, False, DOC_MASK, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q1, q2, offs_m, offs_m, offs_m, 0, split, masked_hi, k_ptr,
+                                   v_ptr, stride_kt, stride_vt, START, COS, SIN, T, qk_scale, HALF, BLOCK_N,
+                                   CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=in_rows)
     o = acc / l_i[:, None]
     o_ptrs = OUT + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
@@ -189,16 +274,17 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, q_ptr, do_ptr, stride_qt, stride_dot,
-                lse_ptr, delta_ptr, cos_ptr, sin_ptr, T, qk_scale,
-                HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                ROPE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, key_start, key_end, doc_start, lo, hi, q_ptr, do_ptr,
+                stride_qt, stride_dot, lse_ptr, delta_ptr, start_ptr, cos_ptr, sin_ptr, T, qk_scale,
+                HALF: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+                MASKED: tl.constexpr, DOC_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dk_r (two halves) and dv of one key block over query blocks [lo, hi)."""
     cols = tl.arange(0, 2 * HALF)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_rows = offs_m < T
-        q1, q2 = _load_rot(q_ptr, stride_qt, offs_m, T, cos_ptr, sin_ptr, HALF, ROPE)
+        pos_m = _doc_pos(offs_m, start_ptr, T, doc_start, ROPE, DOC_MASK, MASKED)
+        q1, q2 = _load_rot(q_ptr, stride_qt, offs_m, pos_m, T, cos_ptr, sin_ptr, HALF, ROPE)
         do = tl.load(do_ptr + offs_m[:, None] * stride_dot + cols[None, :], mask=in_rows[:, None], other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=in_rows, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=in_rows, other=0.0)
@@ -208,6 +294,10 @@ def _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, q_ptr, do_ptr, stride_q
             keep = in_rows[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            if DOC_MASK:  # row t sees key s iff start[s] <= t < end[s]
+                keep = keep & (offs_m[None, :] < key_end[:, None])
+                if not CAUSAL:
+                    keep = keep & (offs_m[None, :] >= key_start[:, None])
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -221,13 +311,14 @@ def _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, q_ptr, do_ptr, stride_q
 def _bwd_dkdv_kernel(
     Q, K, V,  # *(B, H, T, D) forward inputs, last dim contiguous
     COS, SIN,  # *(T, D/2) fp32 rotary tables (not read when ROPE is False)
+    START, END,  # *(B, T) int32 document bounds per token (DOC_MASK only), as in the forward
     DO,  # *(B, H, T, D) upstream gradient, last dim contiguous
     LSE, DELTA,  # *(B*H, T) fp32: forward lse2 and rowsum(dO * o)
     DK, DV,  # *(B, H, T, D) contiguous outputs
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     H, T, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, DOC_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -240,53 +331,76 @@ def _bwd_dkdv_kernel(
     delta_ptr = DELTA + bh.to(tl.int64) * T
     offs_n = start_n + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
-    k1, k2 = _load_rot(K + b.to(tl.int64) * stride_kb + h * stride_kh, stride_kt, offs_n, T, COS, SIN, HALF, ROPE)
+    start_ptr = START + b.to(tl.int64) * T
+    end_ptr = END + b.to(tl.int64) * T
+    key_start = offs_n  # the keys' document bounds; placeholders without DOC_MASK
+    key_end = offs_n
+    pos_n = offs_n
+    if DOC_MASK:
+        key_start = tl.load(start_ptr + offs_n, mask=offs_n < T, other=0)
+        key_end = tl.load(end_ptr + offs_n, mask=offs_n < T, other=0)
+        pos_n = offs_n - key_start
+    k1, k2 = _load_rot(K + b.to(tl.int64) * stride_kb + h * stride_kh, stride_kt, offs_n, pos_n, T, COS, SIN,
+                       HALF, ROPE)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + cols[None, :],
                 mask=(offs_n < T)[:, None], other=0.0)
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Stages: the diagonal (causal only, masked), whole query blocks (unmasked), the tail (masked).
-    full_hi = (T // BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        diag_hi = tl.minimum(start_n + BLOCK_N, T)  # BLOCK_N % BLOCK_M == 0
-        dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, start_n, diag_hi, q_ptr, do_ptr,
-                                   stride_qt, stride_dot, lse_ptr, delta_ptr, COS, SIN, T, qk_scale,
-                                   HALF, BLOCK_M, CAUSAL, ROPE, True, DOT_PRECISION)
-        mid_lo = start_n + BLOCK_N
+    if DOC_MASK:
+        lo, mid_lo, mid_hi, hi, doc_start = _doc_query_range(start_ptr, end_ptr, start_n, T, BLOCK_M, BLOCK_N,
+                                                             CAUSAL)
+        dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, key_start, key_end, doc_start, lo, mid_lo,
+                                   q_ptr, do_ptr, stride_qt, stride_dot, lse_ptr, delta_ptr, start_ptr, COS, SIN,
+                                   T, qk_scale, HALF, BLOCK_M, CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
+        dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, key_start, key_end, doc_start, mid_lo,
+                                   mid_hi, q_ptr, do_ptr, stride_qt, stride_dot, lse_ptr, delta_ptr, start_ptr,
+                                   COS, SIN, T, qk_scale, HALF, BLOCK_M, CAUSAL, ROPE, False, DOC_MASK,
+                                   DOT_PRECISION)
+        dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, key_start, key_end, doc_start, mid_hi, hi,
+                                   q_ptr, do_ptr, stride_qt, stride_dot, lse_ptr, delta_ptr, start_ptr, COS, SIN,
+                                   T, qk_scale, HALF, BLOCK_M, CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
     else:
-        mid_lo = 0
-    mid_hi = tl.maximum(mid_lo, full_hi)
-    dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, mid_lo, mid_hi, q_ptr, do_ptr,
-                               stride_qt, stride_dot, lse_ptr, delta_ptr, COS, SIN, T, qk_scale,
-                               HALF, BLOCK_M, CAUSAL, ROPE, False, DOT_PRECISION)
-    dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, mid_hi, T, q_ptr, do_ptr,
-                               stride_qt, stride_dot, lse_ptr, delta_ptr, COS, SIN, T, qk_scale,
-                               HALF, BLOCK_M, CAUSAL, ROPE, True, DOT_PRECISION)
+        # Stages: the diagonal (causal only, masked), whole query blocks (unmasked), the tail (masked).
+        full_hi = (T // BLOCK_M) * BLOCK_M
+        if CAUSAL:
+            diag_hi = tl.minimum(start_n + BLOCK_N, T)  # BLOCK_N % BLOCK_M == 0
+            dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, key_start, key_end, 0, start_n, diag_hi,
+                                       q_ptr, do_ptr, stride_qt, stride_dot, lse_ptr, delta_ptr, start_ptr, COS,
+                                       SIN, T, qk_scale, HALF, BLOCK_M, CAUSAL, ROPE, True, DOC_MASK,
+                                       DOT_PRECISION)
+            mid_lo = start_n + BLOCK_N
+        else:
+            mid_lo = 0
+        mid_hi = tl.maximum(mid_lo, full_hi)
+        dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, key_start, key_end, 0, mid_lo, mid_hi,
+                                   q_ptr, do_ptr, stride_qt, stride_dot, lse_ptr, delta_ptr, start_ptr, COS, SIN,
+                                   T, qk_scale, HALF, BLOCK_M, CAUSAL, ROPE, False, DOC_MASK, DOT_PRECISION)
+        dk1, dk2, dv = _dkdv_stage(dk1, dk2, dv, k1, k2, v, offs_n, key_start, key_end, 0, mid_hi, T,
+                                   q_ptr, do_ptr, stride_qt, stride_dot, lse_ptr, delta_ptr, start_ptr, COS, SIN,
+                                   T, qk_scale, HALF, BLOCK_M, CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
     out = bh.to(tl.int64) * T * HEAD_DIM
-    _store_unrot(DK + out, offs_n, T, dk1 * scale, dk2 * scale, COS, SIN, HALF, ROPE)
+    _store_unrot(DK + out, offs_n, pos_n, T, dk1 * scale, dk2 * scale, COS, SIN, HALF, ROPE)
     tl.store(DV + out + offs_n[:, None] * HEAD_DIM + cols[None, :], dv.to(DV.dtype.element_ty),
              mask=(offs_n < T)[:, None])
 
 
 @triton.jit
-def _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, k_ptr, v_ptr, stride_kt, stride_vt,
-              cos_ptr, sin_ptr, T, qk_scale,
-              HALF: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              ROPE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, row_start, row_end, doc_start, lo, hi, k_ptr, v_ptr,
+              stride_kt, stride_vt, start_ptr, cos_ptr, sin_ptr, T, qk_scale,
+              HALF: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+              MASKED: tl.constexpr, DOC_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dq_r (two halves) of one query block over key blocks [lo, hi)."""
     cols = tl.arange(0, 2 * HALF)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k1, k2 = _load_rot(k_ptr, stride_kt, offs_n, T, cos_ptr, sin_ptr, HALF, ROPE)
+        pos_n = _doc_pos(offs_n, start_ptr, T, doc_start, ROPE, DOC_MASK, MASKED)
+        k1, k2 = _load_rot(k_ptr, stride_kt, offs_n, pos_n, T, cos_ptr, sin_ptr, HALF, ROPE)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vt + cols[None, :], mask=(offs_n < T)[:, None], other=0.0)
         z = _dot_halves(q1, q2, k1, k2, HALF, DOT_PRECISION) * qk_scale
         p = tl.math.exp2(z - lse[:, None])
         if MASKED:
-            keep = (offs_n < T)[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_row_keep(offs_m, offs_n, row_start, row_end, T, CAUSAL, DOC_MASK), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
         dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PRECISION)
@@ -298,13 +412,14 @@ def _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, k_ptr, v_ptr, st
 def _bwd_dq_kernel(
     Q, K, V,  # *(B, H, T, D) forward inputs, last dim contiguous
     COS, SIN,  # *(T, D/2) fp32 rotary tables (not read when ROPE is False)
+    START, END,  # *(B, T) int32 document bounds per token (DOC_MASK only), as in the forward
     DO,  # *(B, H, T, D) upstream gradient, last dim contiguous
     LSE, DELTA,  # *(B*H, T) fp32: forward lse2 and rowsum(dO * o)
     DQ,  # *(B, H, T, D) contiguous output
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
     H, T, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr, DOC_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -314,7 +429,17 @@ def _bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_rows = offs_m < T
     cols = tl.arange(0, HEAD_DIM)
-    q1, q2 = _load_rot(Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_qt, offs_m, T, COS, SIN, HALF, ROPE)
+    start_ptr = START + b.to(tl.int64) * T
+    end_ptr = END + b.to(tl.int64) * T
+    row_start = offs_m  # the rows' document bounds; placeholders without DOC_MASK
+    row_end = offs_m
+    pos_m = offs_m
+    if DOC_MASK:
+        row_start = tl.load(start_ptr + offs_m, mask=in_rows, other=0)
+        row_end = tl.load(end_ptr + offs_m, mask=in_rows, other=T)  # padding rows: no NaN
+        pos_m = offs_m - row_start
+    q1, q2 = _load_rot(Q + b.to(tl.int64) * stride_qb + h * stride_qh, stride_qt, offs_m, pos_m, T, COS, SIN,
+                       HALF, ROPE)
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + cols[None, :],
                  mask=in_rows[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=in_rows, other=0.0)
@@ -323,18 +448,32 @@ def _bwd_dq_kernel(
     v_ptr = V + b.to(tl.int64) * stride_vb + h * stride_vh
     dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
-    if CAUSAL:
-        split = start_m  # BLOCK_M % BLOCK_N == 0
-        masked_hi = tl.minimum(start_m + BLOCK_M, T)
+    if DOC_MASK:
+        lo, mid_lo, mid_hi, hi, doc_start = _doc_key_range(start_ptr, end_ptr, start_m, T, BLOCK_M, BLOCK_N, CAUSAL)
+        dq1, dq2 = _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, row_start, row_end, doc_start, lo, mid_lo,
+                             k_ptr, v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale, HALF, BLOCK_N,
+                             CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
+        dq1, dq2 = _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, row_start, row_end, doc_start, mid_lo,
+                             mid_hi, k_ptr, v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale, HALF,
+                             BLOCK_N, CAUSAL, ROPE, False, DOC_MASK, DOT_PRECISION)
+        dq1, dq2 = _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, row_start, row_end, doc_start, mid_hi, hi,
+                             k_ptr, v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale, HALF, BLOCK_N,
+                             CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
     else:
-        split = (T // BLOCK_N) * BLOCK_N
-        masked_hi = T
-    dq1, dq2 = _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, 0, split, k_ptr, v_ptr, stride_kt,
-                         stride_vt, COS, SIN, T, qk_scale, HALF, BLOCK_N, CAUSAL, ROPE, False, DOT_PRECISION)
-    dq1, dq2 = _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, split, masked_hi, k_ptr, v_ptr,
-                         stride_kt, stride_vt, COS, SIN, T, qk_scale, HALF, BLOCK_N, CAUSAL, ROPE, True,
-                         DOT_PRECISION)
-    _store_unrot(DQ + bh.to(tl.int64) * T * HEAD_DIM, offs_m, T, dq1 * scale, dq2 * scale, COS, SIN, HALF, ROPE)
+        if CAUSAL:
+            split = start_m  # BLOCK_M % BLOCK_N == 0
+            masked_hi = tl.minimum(start_m + BLOCK_M, T)
+        else:
+            split = (T // BLOCK_N) * BLOCK_N
+            masked_hi = T
+        dq1, dq2 = _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, row_start, row_end, 0, 0, split, k_ptr,
+                             v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale, HALF, BLOCK_N, CAUSAL,
+                             ROPE, False, DOC_MASK, DOT_PRECISION)
+        dq1, dq2 = _dq_stage(dq1, dq2, q1, q2, do, lse, delta, offs_m, row_start, row_end, 0, split, masked_hi,
+                             k_ptr, v_ptr, stride_kt, stride_vt, start_ptr, COS, SIN, T, qk_scale, HALF, BLOCK_N,
+                             CAUSAL, ROPE, True, DOC_MASK, DOT_PRECISION)
+    _store_unrot(DQ + bh.to(tl.int64) * T * HEAD_DIM, offs_m, pos_m, T, dq1 * scale, dq2 * scale, COS, SIN, HALF,
+                 ROPE)
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -389,7 +528,7 @@ def _tuned(kernel, name):
         tuples = [_PINNED[name]]
     else:
         tuples = sorted({c for per_dim in CONFIGS[name].values() for c in per_dim})
-    return triton.autotune(configs=[_cfg(*c) for c in tuples], key=["T", "HEAD_DIM", "CAUSAL", "ROPE"],
+    return triton.autotune(configs=[_cfg(*c) for c in tuples], key=["T", "HEAD_DIM", "CAUSAL", "ROPE", "DOC_MASK"],
                            prune_configs_by={"early_config_prune": _prune_for(name)})(kernel)
 
 
@@ -419,35 +558,69 @@ def _tables(q, cos, sin):
     return cos.contiguous(), sin.contiguous()
 
 
-def _forward(q, k, v, cos, sin, causal, scale):
+def doc_bounds(doc_ids):
+    """(start, end), int32 (B, T) on doc_ids' device: the index of the first token of each
+    token's document and one past its last. doc_ids: (B, T), non-decreasing along T."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, dtype=torch.int32, device=doc_ids.device).expand(B, T)
+    change = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cat((torch.ones_like(change[:, :1]), change), 1)
+    last = torch.cat((change, torch.ones_like(change[:, :1])), 1)
+    start = torch.where(first, idx, 0).cummax(1).values
+    end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def doc_mask_pairs(doc_ids, causal):
+    """Number of (query, key) pairs attended per head under the document mask (the work the
+    kernels do, for FLOP counts): sum over documents of L(L+1)/2 if causal, else L^2."""
+    start, end = doc_bounds(doc_ids)
+    if causal:
+        return int((torch.arange(doc_ids.shape[1], device=doc_ids.device) - start + 1).sum())
+    return int((end - start).sum(dtype=torch.int64))
+
+
+def _doc_args(q, doc_ids):
+    """START, END for the kernels and the DOC_MASK flag (dummy pointers when doc_ids is None)."""
+    if doc_ids is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy, False
+    if doc_ids.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"doc_ids must be (B, T) = {(q.shape[0], q.shape[2])}, got {tuple(doc_ids.shape)}")
+    return *doc_bounds(doc_ids), True
+
+
+def _forward(q, k, v, cos, sin, causal, scale, doc_ids=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, T, D, scale, rope, precision = _common(q, cos, scale)
     cos_t, sin_t = _tables(q, cos, sin)
+    start, end, doc_mask = _doc_args(q, doc_ids)
     o = _alloc_output((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = _alloc_output((B * H, T), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
-    _fwd[grid](q, k, v, cos_t, sin_t, o, lse,
+    _fwd[grid](q, k, v, cos_t, sin_t, start, end, o, lse,
                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                H, T, scale * LOG2E,
-               HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOT_PRECISION=precision)
+               HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOC_MASK=doc_mask, DOT_PRECISION=precision)
     return o, lse
 
 
-def _backward(do, q, k, v, cos, sin, o, lse, causal, scale):
+def _backward(do, q, k, v, cos, sin, o, lse, causal, scale, doc_ids=None):
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
     B, H, T, D, scale, rope, precision = _common(q, cos, scale)
     cos_t, sin_t = _tables(q, cos, sin)
+    start, end, doc_mask = _doc_args(q, doc_ids)
     delta = _alloc_output(lse.shape, dtype=torch.float32, device=q.device)
     block = 64
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](o, do, delta, *do.stride()[:3], H, T,
                                                       HEAD_DIM=D, BLOCK_M=block)
     dq, dk, dv = (_alloc_output((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    meta = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOT_PRECISION=precision)
+    meta = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOC_MASK=doc_mask, DOT_PRECISION=precision)
     _bwd_dkdv[lambda m: (triton.cdiv(T, m["BLOCK_N"]), B * H)](
-        q, k, v, cos_t, sin_t, do, lse, delta, dk, dv, *strides, H, T, scale * LOG2E, scale, **meta)
+        q, k, v, cos_t, sin_t, start, end, do, lse, delta, dk, dv, *strides, H, T, scale * LOG2E, scale, **meta)
     _bwd_dq[lambda m: (triton.cdiv(T, m["BLOCK_M"]), B * H)](
-        q, k, v, cos_t, sin_t, do, lse, delta, dq, *strides, H, T, scale * LOG2E, scale, **meta)
+        q, k, v, cos_t, sin_t, start, end, do, lse, delta, dq, *strides, H, T, scale * LOG2E, scale, **meta)
     return dq, dk, dv
 
 
