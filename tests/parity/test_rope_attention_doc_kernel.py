@@ -135,7 +135,7 @@ LAYOUTS = [
     ("mid-story start, gaps in ids", rows(ids_from_lengths([40, 25, 35], first_id=7, step=3))),
     ("many docs per block", rows(ids_from_lengths([3, 5, 2, 7, 1, 9, 4, 6, 30, 2, 11, 20]))),
     ("boundaries at block edges, T=257", rows(ids_from_lengths([63, 1, 64, 65, 31, 33]))),
-    ("long docs crossing blocks, T=257", rows(ids_from_lengths([70, 130, 57]))),
+    ("long docs crossing blocks, T=257", rows(ids_from_lengths([31, 39, 130, 57]))),
     ("B=3, a different layout per row", rows(ids_from_lengths([17, 50, 33]), ids_from_lengths([100], first_id=4),
                                             ids_from_lengths([1] * 20 + [80], first_id=2))),
 ]
