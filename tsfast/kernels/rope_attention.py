@@ -502,15 +502,23 @@ CONFIGS = {
 _PINNED = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 
 
-def configs_for(kernel, head_dim):
+# The document-masked variant keeps a few more values live (row/key document bounds, stage
+# limits); these configs spilled in it at D=64 and are not tried there: fwd 128x64 w4 (sm_90,
+# 8 B), dk/dv 32x64 w8 (sm_80, 112 B).
+_DOC_MASK_SPILLS = {"fwd": {(128, 64, 4, 3)}, "dkdv": {(32, 64, 8, 3)}, "dq": set()}
+
+
+def configs_for(kernel, head_dim, doc_mask=False):
     """The (BLOCK_M, BLOCK_N, warps, stages) tuples the autotuner may try at this head dim."""
-    return CONFIGS[kernel][64 if head_dim <= 64 else 128]
+    configs = CONFIGS[kernel][64 if head_dim <= 64 else 128]
+    return [c for c in configs if not (doc_mask and c in _DOC_MASK_SPILLS[kernel])]
 
 
 def _prune_for(kernel):
     def prune(configs, named_args, **kwargs):
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        allowed = set(configs_for(kernel, head_dim))
+        doc_mask = kwargs.get("DOC_MASK", named_args.get("DOC_MASK", False))
+        allowed = set(configs_for(kernel, head_dim, doc_mask))
         fit = [c for c in configs if _key(c) in allowed]
         # Blocks much longer than the sequence only add masked work; keep at least one config.
         longest = max(32, triton.next_power_of_2(named_args["T"]))
@@ -683,7 +691,8 @@ REPORT_SHAPES = {"gpt2": (12, 12, 1024, 64), "baby_gpu": (64, 6, 512, 64)}  # (B
 
 
 def report_cases(dtype="bf16", rope=True, causal=True):
-    """One compilation per autotune config per kernel at the preset shapes (see module doc).
+    """One compilation per autotune config per kernel at the preset shapes, without and with
+    the document mask ("_doc" names; see module doc).
 
     "attrs" marks the pointer and stride arguments that the runtime would specialize as
     16-divisible at these shapes (q, k, v as views of a fused (B, T, 3, H, D) projection)."""
@@ -691,26 +700,29 @@ def report_cases(dtype="bf16", rope=True, causal=True):
                ("dq", _bwd_dq_kernel, ["DQ"])]
     cases = []
     for shape, (_, _, T, D) in REPORT_SHAPES.items():
-        for kernel, fn, outputs in kernels:
-            for block_m, block_n, warps, stages in configs_for(kernel, D):
-                sig, divisible = {}, []
-                for i, arg in enumerate(fn.arg_names):
-                    if arg in ("Q", "K", "V", "DO", *outputs):
-                        sig[arg] = f"*{dtype}"
-                    elif arg in ("COS", "SIN", "LSE", "DELTA"):
-                        sig[arg] = "*fp32"
-                    elif arg in ("qk_scale", "scale"):
-                        sig[arg] = "fp32"
-                    elif arg.isupper() and arg not in ("H", "T"):
-                        sig[arg] = "constexpr"
-                    else:
-                        sig[arg] = "i32"
-                    if sig[arg].startswith("*") or arg.startswith("stride_") or arg == "T" and T % 16 == 0:
-                        divisible.append((i,))
-                constexprs = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOT_PRECISION="tf32",
-                                  BLOCK_M=block_m, BLOCK_N=block_n)
-                cases.append({"name": f"rope_attention_{kernel}", "fn": fn, "signature": sig,
-                              "constexprs": constexprs, "num_warps": warps, "num_stages": stages,
-                              "config": f"BM{block_m}-BN{block_n}-w{warps}-s{stages}",
-                              "shape": shape, "attrs": {k: [["tt.divisibility", 16]] for k in divisible}})
+        for doc_mask in (False, True):
+            for kernel, fn, outputs in kernels:
+                for block_m, block_n, warps, stages in configs_for(kernel, D, doc_mask):
+                    sig, divisible = {}, []
+                    for i, arg in enumerate(fn.arg_names):
+                        if arg in ("Q", "K", "V", "DO", *outputs):
+                            sig[arg] = f"*{dtype}"
+                        elif arg in ("COS", "SIN", "LSE", "DELTA"):
+                            sig[arg] = "*fp32"
+                        elif arg in ("START", "END"):
+                            sig[arg] = "*i32"
+                        elif arg in ("qk_scale", "scale"):
+                            sig[arg] = "fp32"
+                        elif arg.isupper() and arg not in ("H", "T"):
+                            sig[arg] = "constexpr"
+                        else:
+                            sig[arg] = "i32"
+                        if sig[arg].startswith("*") or arg.startswith("stride_") or arg == "T" and T % 16 == 0:
+                            divisible.append((i,))
+                    constexprs = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOC_MASK=doc_mask,
+                                      DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+                    cases.append({"name": f"rope_attention_{kernel}{'_doc' if doc_mask else ''}", "fn": fn,
+                                  "signature": sig, "constexprs": constexprs, "num_warps": warps,
+                                  "num_stages": stages, "config": f"BM{block_m}-BN{block_n}-w{warps}-s{stages}",
+                                  "shape": shape, "attrs": {k: [["tt.divisibility", 16]] for k in divisible}})
     return cases
