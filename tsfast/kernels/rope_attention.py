@@ -501,17 +501,23 @@ CONFIGS = {
 # The interpreter runs one config: mixed block sizes so the multi-block diagonal is exercised.
 _PINNED = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 
-
-# The document-masked variant keeps a few more values live (row/key document bounds, stage
-# limits); these configs spilled in it at D=64 and are not tried there: fwd 128x64 w4 (sm_90,
-# 8 B), dk/dv 32x64 w8 (sm_80, 112 B).
-_DOC_MASK_SPILLS = {"fwd": {(128, 64, 4, 3)}, "dkdv": {(32, 64, 8, 3)}, "dq": set()}
+# The document-masked variant (DOC_MASK) keeps a few more values live (document bounds, stage
+# limits). Static report as above: these spilled in it and are not tried for it: at D=64 fwd
+# 128x64 w4 (sm_90, 8 B), dk/dv 32x64 w8 (sm_80, 112 B); at D=128 fwd 64x64 (sm_90, 88 B),
+# dk/dv 16x32 w4 (sm_90, 32 B; 16x32 w8 replaces it), dq 64x16 w8 (sm_80, 144 B).
+DOC_MASK_CONFIGS = {
+    "fwd": {64: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
+            128: [(64, 32, 4, 3), (128, 32, 8, 3)]},
+    "dkdv": {64: [(16, 64, 4, 3), (16, 64, 4, 2), (16, 128, 8, 3)],
+             128: [(16, 32, 8, 3)]},
+    "dq": {64: [(64, 32, 4, 3), (128, 32, 8, 3)],
+           128: [(32, 32, 4, 3)]},
+}
 
 
 def configs_for(kernel, head_dim, doc_mask=False):
     """The (BLOCK_M, BLOCK_N, warps, stages) tuples the autotuner may try at this head dim."""
-    configs = CONFIGS[kernel][64 if head_dim <= 64 else 128]
-    return [c for c in configs if not (doc_mask and c in _DOC_MASK_SPILLS[kernel])]
+    return (DOC_MASK_CONFIGS if doc_mask else CONFIGS)[kernel][64 if head_dim <= 64 else 128]
 
 
 def _prune_for(kernel):
@@ -535,7 +541,7 @@ def _tuned(kernel, name):
     if _INTERPRET:
         tuples = [_PINNED[name]]
     else:
-        tuples = sorted({c for per_dim in CONFIGS[name].values() for c in per_dim})
+        tuples = sorted({c for table in (CONFIGS, DOC_MASK_CONFIGS) for c in sum(table[name].values(), [])})
     return triton.autotune(configs=[_cfg(*c) for c in tuples], key=["T", "HEAD_DIM", "CAUSAL", "ROPE", "DOC_MASK"],
                            prune_configs_by={"early_config_prune": _prune_for(name)})(kernel)
 
