@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from tsfast import meter, ops, reference
+from tsfast import meter, ops
 
 
 def make_model(layers: int, width: int, vocab: int, device: str):
@@ -92,7 +92,7 @@ def main(argv=None):
     model = make_model(layers, width, vocab, args.device)
     idx = torch.randint(0, vocab, (batch, seq), device=args.device)
     targets = torch.randint(0, vocab, (batch, seq), device=args.device)
-    cos, sin = reference.rope_cos_sin(seq, width // heads, device=args.device)
+    cos, sin = ops.rope_cos_sin(seq, width // heads, device=args.device)
 
     def timed(metered: bool) -> float:
         if metered:

@@ -11,7 +11,7 @@ tests/test_linear_cross_entropy_memory.py). GPU: bf16, the Triton kernel against
 import psutil
 from bench_utils import on_gpu
 
-from tsfast import flops
+from tsfast.ops import losses
 from tsfast.testing import loss_peak_memory
 
 GPT2 = dict(n=12288, c=768, v=50304)
@@ -30,7 +30,7 @@ def test_linear_cross_entropy_peak_memory(benchmark, record_bench):
 
     benchmark.pedantic(measure_fused, rounds=1, iterations=1)
     results["full"] = loss_peak_memory("full", device=device, **dims)
-    cost = flops.linear_cross_entropy_cost(dims["n"], dims["c"], dims["v"], with_grad=True)
+    cost = losses.linear_cross_entropy_cost(dims["n"], dims["c"], dims["v"], with_grad=True)
     for mode, r in results.items():
         record_bench(suite="loss_memory", op="linear_cross_entropy", provider=mode,
                      mode="forward+backward", shape=shape, dims=dims, dtype="fp32" if device == "cpu" else "bf16",

@@ -2,7 +2,7 @@
 
     uv run pytest benchmarks --benchmark-only             (add -k "rope and triton" to narrow)
 
-Providers: "torch" (eager, tsfast.reference through ops.use("torch")), "torch.compile"
+Providers: "torch" (eager, the ops' torch paths through ops.use("torch")), "torch.compile"
 (the same under torch.compile) and "triton" (ops.use("triton"); CUDA only: on CPU Triton
 runs only in its interpreter, which is a debugger, not a benchmark). Modes: "forward" (with
 grad enabled, as in training), "backward" (one forward, then the backward alone, repeated
@@ -24,7 +24,8 @@ import pytest
 import torch
 from bench_utils import device, on_gpu, peak_memory_mb
 
-from tsfast import flops, ops, reference
+from tsfast import flops, ops
+from tsfast.ops import attention, layernorm, losses
 
 # Preset shapes: B, T, H, D for attention; C and the two layernorm_linear widths (qkv: 3C,
 # MLP: 4C) from n_embd; V padded to a multiple of 64 (GPT-2's 50257 -> 50304).
@@ -65,28 +66,28 @@ def make_case(op: str, shape: str, dev: torch.device, dtype: torch.dtype) -> Cas
 
     elem = torch.tensor([], dtype=dtype).element_size()
     if op == "rope_attention":
-        cos, sin = reference.rope_cos_sin(T, D, device=dev)
+        cos, sin = ops.rope_cos_sin(T, D, device=dev)
         # q, k, v as views of one fused projection, the way the model produces them
         qkv = rand(B, T, 3, H, D)
         return Case(lambda qkv: ops.rope_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), cos, sin, causal=True),
-                    [qkv], flops.rope_attention_cost(B, H, T, D, causal=True), dict(B=B, H=H, T=T, D=D))
+                    [qkv], attention.rope_attention_cost(B, H, T, D, causal=True), dict(B=B, H=H, T=T, D=D))
     if op.startswith("layernorm_linear"):
         gelu = op.endswith("gelu")
         F = 4 * C if gelu else 3 * C
         activation = "gelu_tanh" if gelu else None
         inputs = [rand(N, C), rand(C), rand(C), rand(F, C, scale=C**-0.5), rand(F, scale=0.1)]
         return Case(lambda x, lw, lb, w, b: ops.layernorm_linear(x, lw, lb, w, b, activation=activation),
-                    inputs, flops.layernorm_linear_cost(N, C, F), dict(N=N, C=C, F=F))
+                    inputs, layernorm.layernorm_linear_cost(N, C, F), dict(N=N, C=C, F=F))
     if op == "layer_norm":
         return Case(lambda x, w, b: ops.layer_norm(x, w, b), [rand(N, C), rand(C), rand(C)],
-                    flops.layer_norm_cost(N, C, elem), dict(N=N, C=C))
+                    layernorm.layer_norm_cost(N, C, elem), dict(N=N, C=C))
     targets = torch.randint(0, V, (N,), generator=g, device=dev)
     if op == "cross_entropy":
         return Case(lambda logits: ops.cross_entropy(logits, targets), [rand(N, V, scale=2.0)],
-                    flops.cross_entropy_cost(N, V, elem), dict(N=N, V=V))
+                    losses.cross_entropy_cost(N, V, elem), dict(N=N, V=V))
     if op == "linear_cross_entropy":
         return Case(lambda h, w: ops.linear_cross_entropy(h, w, targets), [rand(N, C), rand(V, C, scale=C**-0.5)],
-                    flops.linear_cross_entropy_cost(N, C, V, with_grad=True), dict(N=N, C=C, V=V))
+                    losses.linear_cross_entropy_cost(N, C, V, with_grad=True), dict(N=N, C=C, V=V))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -130,10 +131,6 @@ def _skip_reason(op: str, provider: str, shape: str, mode: str) -> str | None:
     if provider == "triton":
         if not on_gpu():
             return "triton provider needs CUDA (on CPU Triton only runs in its slow interpreter)"
-        base = "layernorm_linear" if op.startswith("layernorm_linear") else op
-        missing = ops._kernel_missing(base)
-        if missing:
-            return missing
     if provider == "torch.compile" and not on_gpu() and shape not in CPU_COMPILE_SHAPES:
         return f"torch.compile on CPU runs at {', '.join(CPU_COMPILE_SHAPES)} only (compiling takes ~20 s a graph here)"
     return None

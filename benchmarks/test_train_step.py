@@ -8,7 +8,7 @@ autocast and gradient clipping, on one micro-batch of random token ids (no data 
 the loop's sampler is measured apart). gpt2 accumulates 40 micro-batches per optimizer step;
 here it is one micro-batch and the optimizer, like every other preset.
 
-Providers: "torch" (eager, tsfast.reference), "torch.compile" (the same model under
+Providers: "torch" (eager, the ops' torch paths), "torch.compile" (the same model under
 torch.compile) and "triton" (CUDA only). Presets: all four at full shape on a GPU; tiny and
 baby_cpu on CPU (baby_gpu and gpt2 are GPU presets: a CPU step would take minutes). tiny's
 vocabulary is compact and depends on the corpus: 1000 ids here (the synthetic corpus uses

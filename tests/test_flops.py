@@ -1,12 +1,14 @@
-"""FLOP formulas against torch's own FLOP counter, and the peak-throughput table."""
+"""FLOP formulas (each in its op module) against torch's own FLOP counter, and the peak table."""
 
 import random
 
 import pytest
+import reference64
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tsfast import flops, ops, reference
+from tsfast import flops
+from tsfast.ops import attention, layernorm, losses
 
 
 def _count(fn) -> int:
@@ -18,7 +20,7 @@ def _count(fn) -> int:
 def test_linear_forward_and_backward_match_torch_counter():
     n, c, f = random.randint(3, 40), random.randint(3, 40), random.randint(3, 40)
     x, w = torch.randn(n, c, requires_grad=True), torch.randn(f, c, requires_grad=True)
-    cost = flops.layernorm_linear_cost(n, c, f)
+    cost = layernorm.layernorm_linear_cost(n, c, f)
     y = None
 
     def forward():
@@ -32,41 +34,51 @@ def test_linear_forward_and_backward_match_torch_counter():
 def test_attention_forward_matches_torch_counter_without_mask():
     b, h, t, d = random.randint(1, 3), random.randint(1, 3), random.randint(2, 30), random.choice([8, 16])
     q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
-    counted = _count(lambda: reference.attention_math(q, k, v, causal=False))
-    assert counted == flops.attention_flops(b, h, t, d, causal=False) == 4 * b * h * t * t * d
-    assert flops.attention_flops(b, h, t, d, causal=True) == counted / 2
-    assert flops.rope_attention_cost(b, h, t, d, causal=False).backward == 2.5 * counted
+    counted = _count(lambda: reference64.rope_attention(q, k, v, causal=False))
+    assert counted == attention.attention_flops(b, h, t, d, causal=False) == 4 * b * h * t * t * d
+    assert attention.attention_flops(b, h, t, d, causal=True) == counted / 2
+    assert attention.rope_attention_cost(b, h, t, d, causal=False).backward == 2.5 * counted
 
 
 def test_attention_with_a_cache_counts_the_unmasked_pairs():
     b, h, d, s = 1, 1, 8, random.randint(10, 50)
-    full = flops.attention_flops(b, h, s, d, causal=True)
+    full = attention.attention_flops(b, h, s, d, causal=True)
     # The last query row of a cache sees all s keys: nearly the non-causal cost of one row.
-    one = flops.attention_flops(b, h, 1, d, causal=True, k_len=s)
+    one = attention.attention_flops(b, h, 1, d, causal=True, k_len=s)
     assert one == pytest.approx(4 * b * h * s * d, rel=1 / s)
     # Splitting the queries into a prefix and the rest adds up to the whole.
     p = s // 2
-    prefix = flops.attention_flops(b, h, p, d, causal=True)
-    rest = flops.attention_flops(b, h, s - p, d, causal=True, k_len=s)
+    prefix = attention.attention_flops(b, h, p, d, causal=True)
+    rest = attention.attention_flops(b, h, s - p, d, causal=True, k_len=s)
     assert prefix + rest == pytest.approx(full)
+
+
+def test_document_mask_counts_only_the_attended_pairs():
+    """Documents of lengths 3, 1 and 4 in a row of 8: causal pairs 6 + 1 + 10 = 17 (not 36),
+    non-causal 9 + 1 + 16 = 26 (not 64); decoding the last 2 queries: 3 + 4 = 7."""
+    doc_ids = torch.tensor([[5, 5, 5, 6, 9, 9, 9, 9]])
+    assert attention.attended_pairs(doc_ids, 8, causal=True) == 17
+    assert attention.attended_pairs(doc_ids, 8, causal=False) == 26
+    assert attention.attended_pairs(doc_ids, 2, causal=True) == 7
+    assert attention.attention_flops(1, 2, 8, 16, pairs=17) == 4 * 2 * 17 * 16
 
 
 def test_linear_cross_entropy_counts_grads_in_forward():
     n, c, v = 5, 7, 11
     h, w = torch.randn(n, c), torch.randn(v, c)
     logits = _count(lambda: h @ w.t())
-    no_grad = flops.linear_cross_entropy_cost(n, c, v, with_grad=False)
-    with_grad = flops.linear_cross_entropy_cost(n, c, v, with_grad=True)
+    no_grad = losses.linear_cross_entropy_cost(n, c, v, with_grad=False)
+    with_grad = losses.linear_cross_entropy_cost(n, c, v, with_grad=True)
     assert no_grad.forward == logits and with_grad.forward == 3 * logits
     assert with_grad.backward == 0
 
 
 def test_memory_bound_ops_count_each_tensor_once():
     rows, width = random.randint(2, 100), random.randint(2, 100)
-    ln = flops.layer_norm_cost(rows, width, 2)
+    ln = layernorm.layer_norm_cost(rows, width, 2)
     assert ln.unit == "gbps"
     assert ln.forward == 2 * rows * width * 2 + 2 * width * 2 + 8 * rows
-    ce = flops.cross_entropy_cost(rows, width, 4)
+    ce = losses.cross_entropy_cost(rows, width, 4)
     assert ce.forward == rows * width * 4 + 12 * rows
     assert ce.backward == 2 * rows * width * 4 + 12 * rows
 
@@ -75,7 +87,6 @@ def test_rate_units():
     assert flops.OpCost(2e12, 0, "tflops").rate(2e12, 0.5) == pytest.approx(4.0)
     assert flops.OpCost(1e9, 0, "gbps").rate(3e9, 2.0) == pytest.approx(1.5)
     assert flops.OpCost(1, 0, "gbps").rate(1, 0.0) == 0.0
-    assert set(flops.RATE_UNIT) == set(ops._COST) == set(ops._TRITON_IMPL)
 
 
 def test_gpt_flops_per_token_matches_torch_counter_on_a_tiny_gpt():
@@ -93,7 +104,7 @@ def test_gpt_flops_per_token_matches_torch_counter_on_a_tiny_gpt():
         x = wte[idx]
         for w_qkv, w_proj, w_fc, w_fc2 in layers:
             q, k, v = (x @ w_qkv.t()).view(1, block, 3, n_head, head_dim).permute(2, 0, 3, 1, 4)
-            att = reference.attention_math(q, k, v, causal=False)
+            att = reference64.rope_attention(q, k, v, causal=False)
             x = x + att.transpose(1, 2).reshape(1, block, c) @ w_proj.t()
             x = x + torch.relu(x @ w_fc.t()) @ w_fc2.t()
         (x @ wte.t()).sum().backward()

@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from tsfast import flops, meter, ops, reference
+from tsfast import meter, ops
+from tsfast.ops import attention, layernorm, losses
 
 B, H, T, D = 2, 2, 16, 16
 N, C, F, V = 12, 16, 24, 40
@@ -13,7 +14,7 @@ N, C, F, V = 12, 16, 24, 40
 
 @pytest.fixture(autouse=True)
 def _torch_backend_and_no_meter(monkeypatch):
-    monkeypatch.setattr(ops, "_selected", "torch")
+    monkeypatch.setattr(ops._backend, "_selected", "torch")
     meter.disable()
     yield
     meter.disable()
@@ -30,7 +31,7 @@ def _all_ops(seed: int, grad: bool = True):
         r(B, H, T, D), r(B, H, T, D), r(B, H, T, D), r(N, C), r(C), r(C), r(F, C), r(F),
         r(N, V), r(N, C), r(V, C))
     targets = torch.randint(0, V, (N,), generator=g)
-    cos, sin = reference.rope_cos_sin(T, D)
+    cos, sin = ops.rope_cos_sin(T, D)
     outs = [
         ops.rope_attention(q, k, v, cos, sin),
         ops.layernorm_linear(x, lw, lb, w, b),
@@ -67,6 +68,10 @@ def test_metering_changes_no_output_or_gradient():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+UNIT = dict(rope_attention="tflops", layernorm_linear="tflops", linear_cross_entropy="tflops",
+            layer_norm="gbps", cross_entropy="gbps")
+
+
 def test_every_op_gets_a_line_with_calls_times_rate_and_share():
     m = meter.enable()
     start = time.perf_counter()
@@ -81,11 +86,11 @@ def test_every_op_gets_a_line_with_calls_times_rate_and_share():
     for op, calls in expected_calls.items():
         line = next(s for s in lines if s.startswith(op + " "))
         assert f"calls {calls:>6}" in line and "torch" in line and "% of step" in line
-        assert ("TFLOPS" if flops.RATE_UNIT[op] == "tflops" else "GB/s") in line
+        assert ("TFLOPS" if UNIT[op] == "tflops" else "GB/s") in line
         prefix = f"kernels/{op}/"
         assert metrics[prefix + "calls"] == calls
         assert metrics[prefix + "forward_ms"] > 0 and metrics[prefix + "backward_ms"] > 0
-        assert metrics[prefix + flops.RATE_UNIT[op]] > 0
+        assert metrics[prefix + UNIT[op]] > 0
         assert 0 < metrics[prefix + "share"] < 1
     assert sum(v for k, v in metrics.items() if k.endswith("/share")) <= 1.0
     shares = [float(s.split("%")[0].split()[-1]) for s in lines]
@@ -100,16 +105,16 @@ def test_rate_credits_the_formulas_work():
     def work_done(op):
         p = f"kernels/{op}/"
         busy_s = (metrics[p + "forward_ms"] + metrics[p + "backward_ms"]) * metrics[p + "calls"] / 1e3
-        unit = flops.RATE_UNIT[op]
+        unit = UNIT[op]
         return metrics[p + unit] * busy_s * (1e12 if unit == "tflops" else 1e9)
 
-    attn = flops.rope_attention_cost(B, H, T, D)
+    attn = attention.rope_attention_cost(B, H, T, D)
     assert work_done("rope_attention") == pytest.approx(attn.forward + attn.backward)
-    lnl = flops.layernorm_linear_cost(N, C, F)
+    lnl = layernorm.layernorm_linear_cost(N, C, F)
     assert work_done("layernorm_linear") == pytest.approx(2 * (lnl.forward + lnl.backward))
-    ce = flops.cross_entropy_cost(N, V, 4)
+    ce = losses.cross_entropy_cost(N, V, 4)
     assert work_done("cross_entropy") == pytest.approx(ce.forward + ce.backward)
-    lce = flops.linear_cross_entropy_cost(N, C, V, with_grad=True)
+    lce = losses.linear_cross_entropy_cost(N, C, V, with_grad=True)
     assert work_done("linear_cross_entropy") == pytest.approx(lce.forward)
 
 
@@ -121,7 +126,7 @@ def test_no_grad_records_forward_only():
     assert metrics["kernels/rope_attention/calls"] == 1
     assert metrics["kernels/rope_attention/forward_ms"] > 0
     assert all(v == 0 for k, v in metrics.items() if k.endswith("backward_ms"))
-    lce = flops.linear_cross_entropy_cost(N, C, V, with_grad=False)
+    lce = losses.linear_cross_entropy_cost(N, C, V, with_grad=False)
     p = "kernels/linear_cross_entropy/"
     assert metrics[p + "tflops"] * metrics[p + "forward_ms"] / 1e3 * 1e12 == pytest.approx(lce.forward)
 
@@ -154,7 +159,7 @@ class _SlowBackwardElsewhere(torch.autograd.Function):
 
 
 def test_forward_and_backward_spans_cover_the_op_and_nothing_else(monkeypatch):
-    monkeypatch.setattr(reference, "layer_norm", lambda x, w, b, eps: _SlowLayerNorm.apply(x, w, b, eps))
+    monkeypatch.setattr(layernorm, "_layer_norm_torch", lambda x, w, b, eps: _SlowLayerNorm.apply(x, w, b, eps))
     m = meter.enable()
     x = torch.randn(N, C, requires_grad=True)
     y = _SlowBackwardElsewhere.apply(ops.layer_norm(x, torch.ones(C), None))

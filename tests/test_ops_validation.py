@@ -5,7 +5,8 @@ so these tests are fast)."""
 import pytest
 import torch
 
-from tsfast import ops, reference
+from tsfast import ops
+from tsfast.ops import _checks
 
 B, H, T, D = 2, 2, 5, 16
 N, C, F, V = 6, 8, 12, 20
@@ -19,7 +20,7 @@ def _attn(q=None, k=None, v=None, cos="tables", sin="tables", **kw):
     q = _r(B, H, T, D) if q is None else q
     k = _r(B, H, T, D) if k is None else k
     v = _r(B, H, T, D) if v is None else v
-    tables = reference.rope_cos_sin(k.shape[2] if k.dim() == 4 else T, D)
+    tables = ops.rope_cos_sin(k.shape[2] if k.dim() == 4 else T, D)
     cos = tables[0] if isinstance(cos, str) else cos
     sin = tables[1] if isinstance(sin, str) else sin
     return lambda: ops.rope_attention(q, k, v, cos, sin, **kw)
@@ -69,12 +70,19 @@ CASES = [
     ("q_last_dim_strided", lambda: _attn(q=_r(B, H, D, T).transpose(-1, -2)), ValueError,
      r"q must have a contiguous last dim"),
     ("cos_without_sin", lambda: _attn(sin=None), ValueError, r"cos and sin must both"),
-    ("cos_float64", lambda: _attn(cos=reference.rope_cos_sin(T, D)[0].double()), TypeError,
+    ("cos_float64", lambda: _attn(cos=ops.rope_cos_sin(T, D)[0].double()), TypeError,
      r"^cos must be a float32 tensor"),
     ("sin_wrong_shape", lambda: _attn(sin=_r(T, D)), ValueError, r"^sin must have shape \(T_k, D/2\)"),
     ("cos_on_other_device", lambda: _attn(cos=torch.empty(T, D // 2, device="meta")), ValueError,
      r"^cos is on meta"),
     ("dropout_out_of_range", lambda: _attn(dropout_p=1.0), ValueError, r"^dropout_p must be in \[0, 1\)"),
+    ("doc_ids_float", lambda: _attn(doc_ids=torch.zeros(B, T)), TypeError, r"^doc_ids must be an int32 or int64"),
+    ("doc_ids_shape", lambda: _attn(doc_ids=torch.zeros(B, T + 1, dtype=torch.long)), ValueError,
+     r"^doc_ids must have shape \(B, T_k\) = \(2, 5\)"),
+    ("doc_ids_device", lambda: _attn(doc_ids=torch.zeros(B, T, dtype=torch.long, device="meta")), ValueError,
+     r"^doc_ids is on meta"),
+    ("doc_ids_decreasing", lambda: _attn(doc_ids=torch.tensor([[0, 0, 1, 1, 2], [0, 1, 2, 1, 3]])), ValueError,
+     r"^doc_ids must be non-decreasing.*row 1 goes from 2 to 1 at position 3"),
     ("x_int", lambda: _lnl(x=torch.ones(N, C, dtype=torch.int64)), TypeError, r"^x must be float32"),
     ("ln_weight_shape", lambda: _lnl(ln_weight=_r(C + 1)), ValueError, r"^ln_weight must have shape \(8,\)"),
     ("ln_bias_device", lambda: _lnl(ln_bias=torch.empty(C, device="meta")), ValueError, r"^ln_bias is on meta"),
@@ -120,6 +128,6 @@ def test_bad_input_is_rejected_alike(monkeypatch, backend, make_call, error, mat
 
 def test_ignore_index_targets_pass_the_range_check():
     targets = _out_of_range(-100)
-    ops._check_target_range(targets, V, -100)  # must not raise
+    _checks.check_target_range(targets, V, -100)  # must not raise
     with pytest.raises(ValueError, match="ignore_index=-1"):
-        ops._check_target_range(targets, V, -1)
+        _checks.check_target_range(targets, V, -1)

@@ -1,7 +1,9 @@
-"""The one home of FLOP and byte formulas: the per-op meter, the benchmarks and the training
-loop's MFU all read them from here.
+"""FLOP accounting: the OpCost record every op module's cost formula returns, the whole-model
+FLOPs per token and the GPUs' peaks for MFU. Each op's own formula lives with the op
+(tsfast/ops/<family>.py); the per-op meter, the benchmarks and the training loop read them
+from there.
 
-Conventions:
+Conventions (followed by the op modules):
 - A multiply-add is 2 FLOPs. Matrix products count only the products (softmax, LayerNorm,
   GELU and rotary are a few FLOPs per element next to C or D multiply-adds, and omitted).
 - Attention forward: two (T x D) @ (D x T) products per head, 4·B·H·T²·D; causal halves it
@@ -20,17 +22,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ATTENTION_BACKWARD_FACTOR = 2.5
-
-# The unit each op's throughput is reported in.
-RATE_UNIT = {
-    "rope_attention": "tflops",
-    "layernorm_linear": "tflops",
-    "linear_cross_entropy": "tflops",
-    "layer_norm": "gbps",
-    "cross_entropy": "gbps",
-}
-
 
 @dataclass(frozen=True)
 class OpCost:
@@ -45,56 +36,6 @@ class OpCost:
         if seconds <= 0:
             return 0.0
         return amount / seconds / (1e12 if self.unit == "tflops" else 1e9)
-
-
-# ----------------------------------------------------------------------------- per op
-
-
-def attention_flops(batch: int, heads: int, q_len: int, head_dim: int, *, causal: bool = True,
-                    k_len: int | None = None) -> float:
-    """Forward FLOPs of softmax(Q K^T) V. With a KV cache (k_len > q_len) the queries are the
-    last q_len positions: causal keeps q_len·(k_len - q_len) + q_len²/2 score pairs."""
-    k_len = q_len if k_len is None else k_len
-    pairs = q_len * (k_len - q_len) + q_len * q_len / 2 if causal else q_len * k_len
-    return 4.0 * batch * heads * pairs * head_dim
-
-
-def rope_attention_cost(batch: int, heads: int, q_len: int, head_dim: int, *,
-                        causal: bool = True, k_len: int | None = None) -> OpCost:
-    fwd = attention_flops(batch, heads, q_len, head_dim, causal=causal, k_len=k_len)
-    return OpCost(fwd, ATTENTION_BACKWARD_FACTOR * fwd, "tflops")
-
-
-def linear_flops(rows: int, in_features: int, out_features: int) -> float:
-    """Forward FLOPs of an (N, C) @ (C, F) product."""
-    return 2.0 * rows * in_features * out_features
-
-
-def layernorm_linear_cost(rows: int, in_features: int, out_features: int) -> OpCost:
-    fwd = linear_flops(rows, in_features, out_features)
-    return OpCost(fwd, 2 * fwd, "tflops")
-
-
-def layer_norm_cost(rows: int, width: int, elem_bytes: int) -> OpCost:
-    """Forward reads x and the two (C,) parameters and writes y plus fp32 mean/rstd per row;
-    backward reads x, dy, mean/rstd, the weight and writes dx, dweight, dbias."""
-    x = rows * width * elem_bytes
-    params = 2 * width * elem_bytes
-    stats = 2 * rows * 4
-    return OpCost(2 * x + params + stats, 3 * x + stats + 3 * params, "gbps")
-
-
-def cross_entropy_cost(rows: int, vocab: int, elem_bytes: int) -> OpCost:
-    """Forward reads the logits and int64 targets and writes an fp32 loss per row; backward
-    reads the logits again (with the saved fp32 log-sum-exp) and writes dlogits."""
-    logits = rows * vocab * elem_bytes
-    per_row = rows * (8 + 4)
-    return OpCost(logits + per_row, 2 * logits + per_row, "gbps")
-
-
-def linear_cross_entropy_cost(rows: int, width: int, vocab: int, *, with_grad: bool) -> OpCost:
-    logits = linear_flops(rows, width, vocab)
-    return OpCost(logits + (2 * logits if with_grad else 0.0), 0.0, "tflops")
 
 
 # ----------------------------------------------------------------------------- whole model

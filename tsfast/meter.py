@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tsfast.flops import RATE_UNIT, OpCost
+from tsfast.flops import OpCost
 
 __all__ = ["OpMeter", "enable", "disable", "active"]
 
@@ -75,6 +75,7 @@ class _OpTotals:
     backward_s: float = 0.0
     work: float = 0.0  # FLOPs or bytes, forward and backward together
     backends: set[str] = field(default_factory=set)
+    unit: str = "tflops"  # the op's OpCost unit: "tflops" or "gbps"
 
 
 class _BackwardSpan:
@@ -142,7 +143,9 @@ class OpMeter:
             args = list(args)
             for i, t in zip(needs_grad, marked, strict=True):
                 args[i] = t
-        self._totals.setdefault(op, _OpTotals()).backends.add(backend)
+        totals = self._totals.setdefault(op, _OpTotals())
+        totals.backends.add(backend)
+        totals.unit = cost.unit
         start = _now(device)
         out = fn(*args, **kwargs)
         self._record(op, "forward", start, _now(device), cost.forward)
@@ -184,7 +187,7 @@ class OpMeter:
         rows = []
         for op, t in self._totals.items():
             busy = t.forward_s + t.backward_s
-            unit = RATE_UNIT.get(op, "tflops")
+            unit = t.unit
             rate = OpCost(0.0, 0.0, unit).rate(t.work, busy)
             share = busy / step_seconds if step_seconds > 0 else 0.0
             rows.append((op, t, unit, rate, share))

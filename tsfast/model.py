@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from tsfast import ops
 from tsfast.config import GPTConfig
-from tsfast.reference import rope_cos_sin
 
 
 class KVCache:
@@ -80,7 +79,7 @@ class Block(nn.Module):
         self.mlp_proj = nn.Linear(4 * C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0, doc_ids=None):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         qkv = ops.layernorm_linear(x, self.ln_1.weight, self.ln_1.bias, self.c_attn.weight, self.c_attn.bias)
@@ -89,7 +88,7 @@ class Block(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         p = self.dropout if self.training else 0.0
-        y = ops.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=p)  # (B, nh, T, hs)
+        y = ops.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=p, doc_ids=doc_ids)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         x = x + self.resid_dropout(self.attn_proj(y))
         h = ops.layernorm_linear(
@@ -109,7 +108,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(C, config.bias)
         if config.pos == "rope":
-            cos, sin = rope_cos_sin(config.block_size, config.head_dim, base=config.rope_base)
+            cos, sin = ops.rope_cos_sin(config.block_size, config.head_dim, base=config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (T, hs/2) fp32
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -124,7 +123,7 @@ class GPT(nn.Module):
         super()._apply(fn, *args, **kwargs)
         if self.config.pos == "rope" and self.rope_cos.dtype != torch.float32:
             c = self.config
-            self.rope_cos, self.rope_sin = rope_cos_sin(
+            self.rope_cos, self.rope_sin = ops.rope_cos_sin(
                 c.block_size, c.head_dim, base=c.rope_base, device=self.rope_cos.device
             )
         return self
@@ -142,10 +141,13 @@ class GPT(nn.Module):
         """All parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, all_logits: bool = False):
+    def forward(self, idx, targets=None, *, kv_cache: KVCache | None = None, all_logits: bool = False,
+                doc_ids=None):
         """idx: (B, T) token ids. With targets (B, T): returns (None, loss); ids equal to -100
         in targets are ignored. Without: returns (logits, None), logits (B, 1, vocab) for the
-        last position, or (B, T, vocab) with all_logits. kv_cache: decode after its positions."""
+        last position, or (B, T, vocab) with all_logits. kv_cache: decode after its positions.
+        doc_ids: (B, cached + T) non-decreasing ids, one run per document (story): attention
+        stays within a document and positions restart at each (ops.rope_attention)."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -153,12 +155,15 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         cos = sin = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            pos = torch.arange(start, start + T, device=idx.device)
+            if doc_ids is not None:
+                pos = ops.doc_positions(doc_ids)[:, start:]  # (B, T)
+            x = x + self.wpe(pos)
         else:
             cos, sin = self.rope_cos[: start + T], self.rope_sin[: start + T]
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, kv_cache, i)
+            x = block(x, cos, sin, kv_cache, i, doc_ids)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = ops.layer_norm(x, self.ln_f.weight, self.ln_f.bias)

@@ -1,4 +1,5 @@
-"""Parity of the Triton `layernorm_linear` (LayerNorm-GELU family) with the float64 oracle.
+"""Parity of the Triton `layernorm_linear` (LayerNorm-GELU family) with the float64 oracle
+(tests/reference64.py); the same-dtype baseline of the 2x rule is the torch path.
 
 Under TRITON_INTERPRET=1 each required size appears at least once (C in {96, 256, 384, 768},
 F in {C, 3C, 4C}, N in {1, 7, 100, 1000}, activation None / gelu_tanh, with and without
@@ -8,9 +9,10 @@ each bias, fp32 and fp16) instead of the full cross product: the interpreter is 
 from __future__ import annotations
 
 import pytest
+import reference64
 import torch
 
-from tsfast import ops, reference
+from tsfast import ops
 from tsfast.testing import assert_parity, device_for_tests, interpreter_ready, kernel_dtypes
 
 pytestmark = pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready()))
@@ -62,6 +64,11 @@ def triton_layernorm_linear(*args, **kw):
         return ops.layernorm_linear(*args, **kw)
 
 
+def torch_layernorm_linear(*args, **kw):
+    with ops.use("torch"):
+        return ops.layernorm_linear(*args, **kw)
+
+
 def check_parity(inputs, activation, grad_mode, seed):
     kw = dict(activation=activation, eps=1e-5)
     ref64 = [None if t is None else t.double() for t in inputs]
@@ -71,8 +78,8 @@ def check_parity(inputs, activation, grad_mode, seed):
         g = torch.Generator().manual_seed(seed + 1)
         upstream = torch.randn(out_shape, generator=g, dtype=torch.float64).to(inputs[0].device)
     out, grads = run(triton_layernorm_linear, inputs, upstream, **kw)
-    out_t, grads_t = run(reference.layernorm_linear, inputs, upstream, **kw)
-    out_r, grads_r = run(reference.layernorm_linear, ref64, upstream, **kw)
+    out_t, grads_t = run(torch_layernorm_linear, inputs, upstream, **kw)
+    out_r, grads_r = run(reference64.layernorm_linear, ref64, upstream, **kw)
     assert_parity("y", out, out_t, out_r)
     for name, a, t, r in zip(GRAD_NAMES, grads, grads_t, grads_r, strict=True):
         if r is None:
@@ -118,13 +125,13 @@ def test_non_contiguous_input_and_frozen_weight():
         y = ops.layernorm_linear(x_leaf, ln_w, ln_b, w, b, activation="gelu_tanh")
     y.sum().backward()
     x64 = x.double().requires_grad_()
-    y64 = reference.layernorm_linear(x64, ln_w.double(), ln_b.double(), w.double(), b.double(), activation="gelu_tanh")
+    y64 = reference64.layernorm_linear(x64, ln_w.double(), ln_b.double(), w.double(), b.double(), activation="gelu_tanh")
     y64.sum().backward()
-    y_t = reference.layernorm_linear(x, ln_w, ln_b, w, b, activation="gelu_tanh")
+    y_t = torch_layernorm_linear(x, ln_w, ln_b, w, b, activation="gelu_tanh")
     assert_parity("y", y.detach(), y_t, y64.detach())
     assert w.grad is None and x_leaf.grad is not None
     x_t = x.detach().clone().requires_grad_()
-    reference.layernorm_linear(x_t, ln_w, ln_b, w, b, activation="gelu_tanh").sum().backward()
+    torch_layernorm_linear(x_t, ln_w, ln_b, w, b, activation="gelu_tanh").sum().backward()
     assert_parity("dx", x_leaf.grad, x_t.grad, x64.grad)
 
 

@@ -1,7 +1,8 @@
-"""Parity of the Triton rope_attention kernel (tsfast/kernels/rope_attention.py).
+"""Parity of rope_attention on both backends (tsfast/ops/attention.py, tsfast/kernels/rope_attention.py).
 
-Rule (DESIGN.md): |triton - ref64| <= 2 * |torch_same_dtype - ref64| + atol for o, dq, dk, dv,
-where ref64 is softmax attention with rotary applied in float64. On CPU the kernels run in
+Rule (docs/design.md): |triton - ref64| <= 2 * |torch_same_dtype - ref64| + atol for o, dq, dk, dv,
+where ref64 is tests/reference64.py in float64. The Triton path's same-dtype baseline is the
+torch path; the torch path's is the plain reference in that dtype. On CPU the kernels run in
 Triton's interpreter, so the shape list covers each required T, D, causal/non-causal,
 rotary/none and layout at least once rather than their cross product.
 """
@@ -9,9 +10,10 @@ rotary/none and layout at least once rather than their cross product.
 from __future__ import annotations
 
 import pytest
+import reference64
 import torch
 
-from tsfast import ops, reference
+from tsfast import ops
 from tsfast.testing import (
     assert_parity,
     device_for_tests,
@@ -46,7 +48,7 @@ def make_inputs(B, H, T, D, dtype, *, rope, layout, seed):
     else:
         q, k, v = (torch.randn(B, H, T, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
         leaves = [q, k, v]
-    cos, sin = reference.rope_cos_sin(T, D, device=dev) if rope else (None, None)
+    cos, sin = ops.rope_cos_sin(T, D, device=dev) if rope else (None, None)
     grad = torch.randn(B, H, T, D, generator=gen).to(dev, dtype)
     return q, k, v, cos, sin, grad, leaves
 
@@ -64,16 +66,27 @@ def oracle(q, k, v, cos, sin, grad, *, causal):
     """The float64 reference, rotary applied in float64."""
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     c64, s64 = (None, None) if cos is None else (cos.double(), sin.double())
-    out = reference.rope_attention(q64, k64, v64, c64, s64, causal=causal)
+    out = reference64.rope_attention(q64, k64, v64, c64, s64, causal=causal)
     (out.sum() if grad is None else out).backward(None if grad is None else grad.double())
     return out.detach(), q64.grad, k64.grad, v64.grad
 
 
-def check_parity(B, H, T, D, dtype, *, causal, rope, layout, seed, upstream="random"):
+def plain(q, k, v, cos, sin, grad, *, causal):
+    """The plain reference in the inputs' own dtype: the torch path's baseline."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = reference64.rope_attention(q, k, v, cos, sin, causal=causal)
+    (out.sum() if grad is None else out).backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_parity(B, H, T, D, dtype, *, causal, rope, layout, seed, upstream="random", backend="triton"):
     q, k, v, cos, sin, grad, _ = make_inputs(B, H, T, D, dtype, rope=rope, layout=layout, seed=seed)
     grad = grad if upstream == "random" else None
-    got = run("triton", q, k, v, cos, sin, grad, causal=causal)
-    same_dtype = run("torch", q, k, v, cos, sin, grad, causal=causal)
+    got = run(backend, q, k, v, cos, sin, grad, causal=causal)
+    if backend == "triton":
+        same_dtype = run("torch", q, k, v, cos, sin, grad, causal=causal)
+    else:
+        same_dtype = plain(q, k, v, cos, sin, grad, causal=causal)
     ref = oracle(q, k, v, cos, sin, grad, causal=causal)
     for name, a, t, r in zip(("o", "dq", "dk", "dv"), got, same_dtype, ref, strict=True):
         assert a.dtype == dtype and a.shape == (B, H, T, D), name
@@ -105,6 +118,12 @@ def test_parity(B, H, T, D, causal, rope, layout, dtype):
     check_parity(B, H, T, D, dtype, causal=causal, rope=rope, layout=layout, seed=T * 1000 + D * 10 + causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("B,H,T,D,causal,rope,layout", CASES[:8])
+def test_torch_path_parity(B, H, T, D, causal, rope, layout, dtype):
+    check_parity(B, H, T, D, dtype, causal=causal, rope=rope, layout=layout, seed=T + D, backend="torch")
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_of_sum(causal):
     """out.sum() hands the backward a stride-0 gradient: every element must still be right."""
@@ -134,7 +153,7 @@ def test_scale_argument():
     with ops.use("triton"):
         out = ops.rope_attention(q, k, v, cos, sin, causal=False, scale=0.3)
     c64, s64 = cos.double(), sin.double()
-    want = reference.rope_attention(q.double(), k.double(), v.double(), c64, s64, causal=False, scale=0.3)
+    want = reference64.rope_attention(q.double(), k.double(), v.double(), c64, s64, causal=False, scale=0.3)
     assert torch.allclose(out.double(), want, atol=1e-5)
 
 

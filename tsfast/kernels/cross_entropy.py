@@ -225,38 +225,29 @@ def _reduce(loss_rows, row_scale, reduction):
 
 
 # ----------------------------------------------------------------------------- cross_entropy
+# Entry points of this file (here and below) are called by tsfast/ops/losses.py, which
+# registers them as torch.library custom ops and validates the arguments first.
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Forward: loss rows + (m, log2 s); backward: dlogits from saved logits in one pass."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction):
-        logits = _unit_columns(logits)
-        targets = targets.contiguous()
-        row_scale = _row_scale(targets, ignore_index, reduction)
-        N = logits.shape[0]
-        loss_rows = torch.empty(N, dtype=torch.float32, device=logits.device)
-        stats = torch.empty(N, 2, dtype=torch.float32, device=logits.device)
-        _launch_forward(logits, targets, ignore_index, row_scale, loss_rows, stats)
-        ctx.ignore_index = ignore_index
-        ctx.save_for_backward(logits, targets, stats, row_scale)
-        ctx.mark_non_differentiable(targets)
-        return _reduce(loss_rows, row_scale, reduction)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, targets, stats, row_scale = ctx.saved_tensors
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        dloss = grad_out.to(torch.float32)
-        _launch_grad(logits, grad, targets, stats, dloss, row_scale, ctx.ignore_index)
-        return grad, None, None, None
+def cross_entropy_forward(logits, targets, ignore_index: int, reduction: str):
+    """(loss, stats, row_scale): the reduced loss, per-row (m, log2 s) and the row scale,
+    the last two kept for `cross_entropy_backward`."""
+    logits = _unit_columns(logits)
+    targets = targets.contiguous()
+    row_scale = _row_scale(targets, ignore_index, reduction)
+    N = logits.shape[0]
+    loss_rows = torch.empty(N, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(N, 2, dtype=torch.float32, device=logits.device)
+    _launch_forward(logits, targets, ignore_index, row_scale, loss_rows, stats)
+    return _reduce(loss_rows, row_scale, reduction), stats, row_scale
 
 
-@torch.compiler.disable  # dynamo graph-breaks here; the kernels run eagerly under compile
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
-    """Cross-entropy of logits (N, V) against targets (N,), as tsfast.ops.cross_entropy."""
-    return _CrossEntropy.apply(logits, targets, ignore_index, reduction)
+def cross_entropy_backward(grad_out, logits, targets, stats, row_scale, ignore_index: int):
+    """dlogits from the saved logits and row statistics, in one pass (read, write)."""
+    logits = _unit_columns(logits)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _launch_grad(logits, grad, targets.contiguous(), stats, grad_out.to(torch.float32), row_scale, ignore_index)
+    return grad
 
 
 # ----------------------------------------------------------------------------- fused linear
@@ -312,46 +303,32 @@ def _chunked_pass(h, weight, targets, ignore_index, *, row_scale, want_dh, want_
     return loss, stats, dh, dw
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Fused h @ W^T + cross-entropy; never allocates more than one chunk of logits."""
+def linear_cross_entropy_forward(h, weight, targets, ignore_index: int, reduction: str, *,
+                                 want_dh: bool, want_dw: bool):
+    """(loss, stats, row_scale, dh or None, dW fp32 or None).
 
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, reduction):
-        targets = targets.contiguous()
-        row_scale = _row_scale(targets, ignore_index, reduction)
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        in_forward = reduction != "none"  # "none" needs per-row upstream grads: see docstring
-        loss, stats, dh, dw = _chunked_pass(
-            h, weight, targets, ignore_index, row_scale=row_scale,
-            want_dh=want_dh and in_forward, want_dw=want_dw and in_forward,
-        )
-        ctx.reduction, ctx.ignore_index = reduction, ignore_index
-        if in_forward:
-            ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
-        else:
-            ctx.save_for_backward(h, weight, targets, stats, row_scale)
-        return _reduce(loss, row_scale, reduction)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.reduction != "none":
-            dh, dw = ctx.saved_tensors
-            grad_h = None if dh is None else dh * grad_out.to(dh.dtype)
-            grad_w = None if dw is None else dw * grad_out.to(dw.dtype)
-            return grad_h, grad_w, None, None, None
-        h, weight, targets, stats, row_scale = ctx.saved_tensors
-        _, _, dh, dw = _chunked_pass(
-            h, weight, targets, ctx.ignore_index, row_scale=row_scale,
-            want_dh=ctx.needs_input_grad[0], want_dw=ctx.needs_input_grad[1],
-            dloss=grad_out.to(torch.float32), stats=stats,
-        )
-        return dh, None if dw is None else dw.to(weight.dtype), None, None, None
+    "mean"/"sum": the gradients of the loss come out of the same chunk loop (the backward
+    only rescales them), and only those asked for are computed. "none": no gradients here
+    (the per-row upstream gradient is not known yet); stats and row_scale let
+    `linear_cross_entropy_backward` recompute them."""
+    targets = targets.contiguous()
+    row_scale = _row_scale(targets, ignore_index, reduction)
+    in_forward = reduction != "none"
+    loss, stats, dh, dw = _chunked_pass(
+        h, weight, targets, ignore_index, row_scale=row_scale,
+        want_dh=want_dh and in_forward, want_dw=want_dw and in_forward,
+    )
+    return _reduce(loss, row_scale, reduction), stats, row_scale, dh, dw
 
 
-@torch.compiler.disable  # dynamo graph-breaks here; the kernels run eagerly under compile
-def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean"):
-    """cross_entropy(h @ weight^T, targets) in row chunks, as tsfast.ops.linear_cross_entropy."""
-    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, reduction)
+def linear_cross_entropy_backward(grad_rows, h, weight, targets, stats, row_scale, ignore_index: int, *,
+                                  want_dh: bool, want_dw: bool):
+    """(dh or None, dW fp32 or None) of sum_r grad_rows[r] * loss_r (reduction "none")."""
+    _, _, dh, dw = _chunked_pass(
+        h, weight, targets.contiguous(), ignore_index, row_scale=row_scale,
+        want_dh=want_dh, want_dw=want_dw, dloss=grad_rows.to(torch.float32), stats=stats,
+    )
+    return dh, dw
 
 
 # ----------------------------------------------------------------------------- static report

@@ -1,6 +1,6 @@
 """LayerNorm-GELU: LayerNorm fused into a matmul's prologue, bias + tanh-GELU in its epilogue.
 
-Ops (contracts in DESIGN.md): `layernorm_linear(x, ln_weight, ln_bias, weight, bias, *,
+Ops (contracts: tsfast/ops/layernorm.py, docs/design.md): `layernorm_linear(x, ln_weight, ln_bias, weight, bias, *,
 activation, eps)` = act(LN(x) @ W^T + b) for ln_1 -> c_attn and ln_2 -> c_fc -> GELU, and
 the standalone `layer_norm(x, weight, bias, eps)` for ln_f.
 
@@ -61,7 +61,7 @@ from tsfast.kernels.layernorm_gelu_backward import (
     n_bucket,
 )
 
-__all__ = ["layernorm_linear", "layer_norm", "report_cases"]
+__all__ = ["layernorm_linear_forward", "layernorm_linear_backward", "layer_norm_forward", "layer_norm_backward", "report_cases"]
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -283,89 +283,41 @@ def _ln_linear_forward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, gelu: b
     return y, pre
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- entry points
+# Called by tsfast/ops/layernorm.py, which registers them as torch.library custom ops. Rows
+# come in as contiguous (N, C) matrices with N > 0; the op module handles shapes and N = 0.
 
 
-def _zero_grads(*tensors):
-    return tuple(None if t is None else torch.zeros_like(t) for t in tensors)
+def layernorm_linear_forward(x2, ln_weight, ln_bias, weight, bias, *, gelu: bool, eps: float):
+    """(y (N, F), mean (N,), rstd (N,), pre (N, F) or None): y = act(LN(x2) @ W^T + b);
+    pre is the pre-activation, written only with GELU (its backward reads it)."""
+    _, mean, rstd = _row_stats(x2, ln_weight, ln_bias, eps, write_y=False)
+    y, pre = _ln_linear_forward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, gelu)
+    return y, mean, rstd, pre
 
 
-class LayerNormLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, weight, bias, activation, eps):
-        C, F = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, C).contiguous()
-        ln_weight, weight = ln_weight.contiguous(), weight.contiguous()
-        ln_bias = None if ln_bias is None else ln_bias.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        gelu = activation == "gelu_tanh"
-        if x2.shape[0] == 0:
-            y, mean, rstd, pre = x2.new_empty(0, F), None, None, None
-        else:
-            _, mean, rstd = _row_stats(x2, ln_weight, ln_bias, eps, write_y=False)
-            y, pre = _ln_linear_forward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, gelu)
-        ctx.save_for_backward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre)
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], F)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if x2.shape[0] == 0:
-            dx = x2.new_empty(ctx.x_shape)
-            return (dx, *_zero_grads(ln_weight, ln_bias, weight, bias), None, None)
-        dy2 = dy.reshape(-1, weight.shape[0]).contiguous()  # stride-0 grads become real
-        dx = dgamma = dbeta = dw = db = None
-        if need[0] or need[1] or need[2]:
-            dln = dln_matmul(dy2, pre, weight)
-            dx, dgamma, dbeta = _layer_norm_backward(
-                x2, dln, ln_weight, mean, rstd, need_dbeta=ln_bias is not None
-            )
-            dx = dx.view(ctx.x_shape)
-        if need[3] or need[4]:
-            dw, db = dw_matmul(
-                dy2, pre, x2, mean, rstd, ln_weight, ln_bias,
-                weight_dtype=weight.dtype, with_bias=bias is not None,
-            )
-        return dx, dgamma, dbeta, dw, db, None, None
+def layernorm_linear_backward(dy2, x2, mean, rstd, ln_weight, ln_bias, weight, pre, *,
+                              with_bias: bool, input_grads: bool, weight_grads: bool):
+    """(dx, dgamma, dbeta, dw, db), each None where not asked for: `input_grads` asks for
+    dx, dgamma, dbeta (dbeta only with an ln_bias), `weight_grads` for dw and db."""
+    dx = dgamma = dbeta = dw = db = None
+    if input_grads:
+        dln = dln_matmul(dy2, pre, weight)
+        dx, dgamma, dbeta = _layer_norm_backward(x2, dln, ln_weight, mean, rstd, need_dbeta=ln_bias is not None)
+    if weight_grads:
+        dw, db = dw_matmul(dy2, pre, x2, mean, rstd, ln_weight, ln_bias,
+                           weight_dtype=weight.dtype, with_bias=with_bias)
+    return dx, dgamma, dbeta, dw, db
 
 
-class LayerNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        C = x.shape[-1]
-        x2 = x.reshape(-1, C).contiguous()
-        weight = weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        if x2.shape[0] == 0:
-            y, mean, rstd = torch.empty_like(x2), None, None
-        else:
-            y, mean, rstd = _row_stats(x2, weight, bias, eps, write_y=True)
-        ctx.save_for_backward(x2, weight, bias, mean, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, bias, mean, rstd = ctx.saved_tensors
-        if x2.shape[0] == 0:
-            return (torch.zeros_like(x2).view(dy.shape), *_zero_grads(weight, bias), None)
-        dy2 = dy.reshape(x2.shape).contiguous()
-        dx, dgamma, dbeta = _layer_norm_backward(x2, dy2, weight, mean, rstd, need_dbeta=bias is not None)
-        return dx.view(dy.shape), dgamma, dbeta, None
+def layer_norm_forward(x2, weight, bias, eps: float):
+    """(y, mean, rstd) of LayerNorm over the rows of x2 (N, C)."""
+    return _row_stats(x2, weight, bias, eps, write_y=True)
 
 
-# ----------------------------------------------------------------------------- public API
-
-
-def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=None, eps=1e-5):
-    """act(layer_norm(x) @ weight^T + bias) on the Triton kernels (arguments validated by ops)."""
-    return LayerNormLinearFunction.apply(x, ln_weight, ln_bias, weight, bias, activation, eps)
-
-
-def layer_norm(x, weight, bias=None, eps=1e-5):
-    """LayerNorm over the last dim on the Triton kernels (arguments validated by ops)."""
-    return LayerNormFunction.apply(x, weight, bias, eps)
+def layer_norm_backward(dy2, x2, weight, bias, mean, rstd):
+    """(dx, dgamma, dbeta or None)."""
+    return _layer_norm_backward(x2, dy2, weight, mean, rstd, need_dbeta=bias is not None)
 
 
 # ----------------------------------------------------------------------------- static report

@@ -638,57 +638,23 @@ def _backward(do, q, k, v, cos, sin, o, lse, causal, scale, doc_ids=None):
     return dq, dk, dv
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- entry points
+# Called by tsfast/ops/attention.py, which registers them as torch.library custom ops and
+# validates the arguments first.
 
-# Custom ops make the kernels opaque nodes for torch.compile (it runs the fake versions while
-# tracing and the kernels at run time), instead of tracing into the autotuned launchers.
-@torch.library.custom_op("tsfast::rope_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None,
-            sin: torch.Tensor | None, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def forward(q, k, v, cos, sin, causal: bool, scale: float, *, doc_ids=None):
+    """(o, lse2): the attention output (B, H, T, D) and the base-2 log-sum-exp (B*H, T) fp32."""
+    if doc_ids is not None:
+        raise NotImplementedError("document masking is not in the Triton kernel yet")
     return _forward(q, k, v, cos, sin, causal, scale)
 
 
-@_fwd_op.register_fake
-def _(q, k, v, cos, sin, causal, scale):
-    B, H, T, D = q.shape
-    return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("tsfast::rope_attention_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            cos: torch.Tensor | None, sin: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
-            causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(do, q, k, v, cos, sin, o, lse, causal: bool, scale: float, *, doc_ids=None):
+    """(dq, dk, dv) with respect to the un-rotated q and k."""
+    if doc_ids is not None:
+        raise NotImplementedError("document masking is not in the Triton kernel yet")
     return _backward(do, q, k, v, cos, sin, o, lse, causal, scale)
-
-
-@_bwd_op.register_fake
-def _(do, q, k, v, cos, sin, o, lse, causal, scale):
-    return tuple(q.new_empty(q.shape) for _ in range(3))
-
-
-class RopeAttention(torch.autograd.Function):
-    """o = softmax(rope(q) rope(k)^T * scale + causal mask) v; saves o and lse2 for backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, causal, scale):
-        o, lse = _fwd_op(q, k, v, cos, sin, causal, scale)
-        ctx.save_for_backward(q, k, v, cos, sin, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, cos, sin, o, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd_op(do, q, k, v, cos, sin, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
-
-
-def rope_attention(q, k, v, cos, sin, *, causal=True, scale=None, dropout_p=0.0):
-    """The Triton path of `tsfast.ops.rope_attention` (arguments already validated there)."""
-    if dropout_p:
-        raise ValueError("the Triton attention kernel has no dropout: tsfast.ops sends dropout_p > 0 to torch")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return RopeAttention.apply(q, k, v, cos, sin, bool(causal), scale)
 
 
 # ----------------------------------------------------------------------------- static report

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from tsfast import ops
+from tsfast.ops import attention
 
-OPS = ("rope_attention", "layernorm_linear", "layer_norm", "linear_cross_entropy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,18 +71,17 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def preflight_kernels(backend: str, device: torch.device, head_dim: int) -> None:
     """With backend "triton", raise ops.BackendUnavailable now (before any training work) if
-    any op the model uses cannot run on `device`. Leaves the selected backend as it was."""
+    the Triton kernels cannot run on `device` or the attention kernel declines the model's
+    head dim. It asks the ops themselves, on meta tensors of the model's shape."""
     if backend != "triton":
         return
-    with ops.use(backend):
-        for op in OPS:
-            unsupported = None
-            if op == "rope_attention" and head_dim not in ops.ATTENTION_HEAD_DIMS:
-                unsupported = (
-                    f"head dim {head_dim} is not one of {ops.ATTENTION_HEAD_DIMS} "
-                    "(change n_embd/n_head)"
-                )
-            ops.backend_for(op, device, unsupported)
+    cannot = ops.triton_cannot_run(device)
+    if cannot:
+        raise ops.BackendUnavailable(f"--kernels triton cannot run here: {cannot}")
+    q = torch.empty(1, 1, 1, head_dim, device="meta")
+    declined = attention.kernel_declines(q, q, dropout_p=0.0, doc_ids=None)
+    if declined:
+        raise ops.BackendUnavailable(f"--kernels triton cannot run rope_attention for this model: {declined}")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,6 @@
-"""The fast paths of tsfast.reference (the CPU/MPS backend) against plain formulations.
+"""The torch paths of tsfast.ops (the CPU/MPS backend) against plain formulations.
 
-- The chunked linear cross-entropy (`linear_cross_entropy`: in-place softmax in a reused
+- The chunked linear cross-entropy (tsfast/ops/_chunked_loss.py: in-place softmax in a reused
   logits buffer, row weights on the thin sides) against the float64 full-logits oracle, for
   every reduction, ignored rows, several equal chunks, stride-0 upstream gradients, float64
   and fp16 inputs and logits of magnitude 1e4; no gradient work under no_grad; a second
@@ -19,10 +19,13 @@ import subprocess
 import sys
 
 import pytest
+import reference64
 import torch
 import torch.nn.functional as F
 
-from tsfast import reference
+from tsfast import ops
+from tsfast.ops import _chunked_loss as chunked
+from tsfast.ops.rotary import apply_rope
 
 IGNORE = -100
 
@@ -54,9 +57,9 @@ def _oracle(h, w, t, *, ignore_index, reduction):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """32-row chunks: 150 rows make 5 equal chunks of 30."""
-    monkeypatch.setattr(reference, "MIN_CHUNK_ROWS", 1)
-    monkeypatch.setattr(reference, "CHUNK_BYTES", 32 * 1000 * 4)
-    assert reference._chunk_rows(150, 1000) == 30
+    monkeypatch.setattr(chunked, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 32 * 1000 * 4)
+    assert chunked._chunk_rows(150, 1000) == 30
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -65,7 +68,7 @@ def test_chunked_matches_float64_oracle(small_chunks, reduction, random_upstream
     h64, w64, t, g = _inputs(150, 64, 1000, seed=3)
     upstream = torch.randn((150,) if reduction == "none" else (), generator=g, dtype=torch.float64)
     up = upstream if random_upstream else None
-    got = _loss_and_grads(reference.linear_cross_entropy, h64.float(), w64.float(), t, reduction, up)
+    got = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64.float(), w64.float(), t, reduction, up)
     ref = _loss_and_grads(_oracle, h64, w64, t, reduction, up)
     for name, a, b in zip(("loss", "dh", "dW"), got, ref, strict=True):
         assert a.dtype == torch.float32, name
@@ -77,7 +80,7 @@ def test_chunked_matches_float64_oracle(small_chunks, reduction, random_upstream
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_float64_stays_float64(reduction):
     h64, w64, t, _ = _inputs(40, 32, 97, seed=5)
-    got = _loss_and_grads(reference.linear_cross_entropy, h64, w64, t, reduction, None)
+    got = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64, w64, t, reduction, None)
     ref = _loss_and_grads(_oracle, h64, w64, t, reduction, None)
     for a, b in zip(got, ref, strict=True):
         assert a.dtype == torch.float64
@@ -86,7 +89,7 @@ def test_float64_stays_float64(reduction):
 
 def test_fp16_inputs_compute_in_fp32_and_return_their_dtype():
     h64, w64, t, _ = _inputs(33, 64, 1000, seed=6)
-    loss, dh, dw = _loss_and_grads(reference.linear_cross_entropy, h64.half(), w64.half(), t, "mean", None)
+    loss, dh, dw = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64.half(), w64.half(), t, "mean", None)
     assert (loss.dtype, dh.dtype, dw.dtype) == (torch.float32, torch.float16, torch.float16)
     ref = _loss_and_grads(_oracle, h64.half().double(), w64.half().double(), t, "mean", None)
     torch.testing.assert_close(loss.double(), ref[0], rtol=1e-5, atol=1e-5)
@@ -97,7 +100,7 @@ def test_huge_logits_give_exact_finite_losses():
     """Logits ~1e4: most target probabilities underflow to 0 in fp32, yet loss = lse - z_t
     is recovered from the largest probability, which never underflows."""
     h64, w64, t, _ = _inputs(12, 64, 500, seed=7, ignored=0.0, scale=40.0)
-    loss, dh, dw = _loss_and_grads(reference.linear_cross_entropy, h64.float(), w64.float(), t, "none", None)
+    loss, dh, dw = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64.float(), w64.float(), t, "none", None)
     ref = _loss_and_grads(_oracle, h64.float().double(), w64.float().double(), t, "none", None)
     assert ref[0].max() > 1000  # the check is meaningful: p_t = exp(-loss) is 0 in fp32
     assert torch.isfinite(loss).all() and torch.isfinite(dh).all() and torch.isfinite(dw).all()
@@ -106,28 +109,28 @@ def test_huge_logits_give_exact_finite_losses():
 
 def test_no_grad_computes_only_the_loss(monkeypatch):
     calls = []
-    real = reference._lce_chunks
+    real = chunked._lce_chunks
 
     def spy(*args):
         calls.append(args[-2:])  # (want_dh, want_dW)
         return real(*args)
 
-    monkeypatch.setattr(reference, "_lce_chunks", spy)
+    monkeypatch.setattr(chunked, "_lce_chunks", spy)
     h64, w64, t, _ = _inputs(20, 32, 97, seed=8)
     h, w = h64.float().requires_grad_(), w64.float().requires_grad_()
     with torch.no_grad():
-        plain = reference.linear_cross_entropy(h, w, t)
-    with_grad = reference.linear_cross_entropy(h, w, t)
+        plain = chunked.linear_cross_entropy_chunked(h, w, t)
+    with_grad = chunked.linear_cross_entropy_chunked(h, w, t)
     assert calls == [(False, False), (True, True)]
     assert torch.equal(plain, with_grad.detach())
-    reference.linear_cross_entropy(h.detach(), w, t)
+    chunked.linear_cross_entropy_chunked(h.detach(), w, t)
     assert calls[-1] == (False, True)
 
 
 def test_second_backward_is_refused_with_a_clear_error():
     h64, w64, t, _ = _inputs(8, 16, 50, seed=9)
     h = h64.float().requires_grad_()
-    loss = reference.linear_cross_entropy(h, w64.float(), t)
+    loss = chunked.linear_cross_entropy_chunked(h, w64.float(), t)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward twice"):
         loss.backward()
@@ -135,7 +138,7 @@ def test_second_backward_is_refused_with_a_clear_error():
 
 CHILD = r"""
 import json, resource, sys, torch
-from tsfast import reference
+from tsfast.ops import _chunked_loss as chunked
 n, c, v = 2048, 256, 50304
 g = torch.Generator().manual_seed(0)
 h = torch.randn(n, c, generator=g).requires_grad_()
@@ -147,8 +150,8 @@ def status(key):
             return int(line.split()[1]) / 1024
 base = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")
-reference.linear_cross_entropy(h, w, t).backward()
-print(json.dumps({"peak_mib": status("VmHWM") - base, "chunk_mib": reference.CHUNK_BYTES / 2**20}))
+chunked.linear_cross_entropy_chunked(h, w, t).backward()
+print(json.dumps({"peak_mib": status("VmHWM") - base, "chunk_mib": chunked.CHUNK_BYTES / 2**20}))
 """
 
 
@@ -183,11 +186,16 @@ def _attend(fn, qkv, B, T, H, D, cos, sin, upstream):
     return y.detach(), qkv.grad
 
 
+def _torch_op(q, k, v, cos, sin):
+    with ops.use("torch"):
+        return ops.rope_attention(q, k, v, cos, sin)
+
+
 def _generic(q, k, v, cos, sin):
     if cos is not None:
-        q, k = reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if q.dtype == torch.float64:
-        return reference.attention_math(q, k, v, causal=True)
+        return reference64.rope_attention(q, k, v, causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
@@ -197,10 +205,9 @@ def _generic(q, k, v, cos, sin):
 def test_cpu_flash_function_matches_sdpa_and_float64(T, rope, random_upstream):
     B, H, D = 2, 3, 32
     qkv = _qkv(B, T, H, D, seed=T)
-    cos, sin = reference.rope_cos_sin(T, D) if rope else (None, None)
+    cos, sin = ops.rope_cos_sin(T, D) if rope else (None, None)
     upstream = torch.randn(B, T, H * D, generator=torch.Generator().manual_seed(1)) if random_upstream else None
-    assert reference._cpu_flash_applies(qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)[0], T, 0.0)
-    fast = _attend(reference.rope_attention, qkv, B, T, H, D, cos, sin, upstream)
+    fast = _attend(_torch_op, qkv, B, T, H, D, cos, sin, upstream)
     same = _attend(_generic, qkv, B, T, H, D, cos, sin, upstream)
     c64, s64 = (cos.double(), sin.double()) if rope else (None, None)
     up64 = None if upstream is None else upstream.double()
@@ -215,9 +222,9 @@ def test_cpu_flash_output_has_the_kernels_layout_and_no_grad_works():
     B, T, H, D = 2, 9, 2, 16
     qkv = _qkv(B, T, H, D, seed=4)
     q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-    cos, sin = reference.rope_cos_sin(T, D)
+    cos, sin = ops.rope_cos_sin(T, D)
     with torch.no_grad():
-        o = reference.rope_attention(q, k, v, cos, sin)
+        o = _torch_op(q, k, v, cos, sin)
     assert o.transpose(1, 2).is_contiguous()  # (B, T, H, D) memory: the reshape to (B, T, C) is free
     torch.testing.assert_close(o, _generic(q, k, v, cos, sin))
 
@@ -228,7 +235,7 @@ def test_one_query_decoding_step_sees_every_key():
     B, H, Tk, D = 1, 2, 12, 16
     qkv = _qkv(B, Tk, H, D, seed=11, dtype=torch.float64)
     q, k, v = qkv.view(B, Tk, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-    cos, sin = reference.rope_cos_sin(Tk, D)
-    full = reference.rope_attention(q, k, v, cos.double(), sin.double())[:, :, -1:]
-    step = reference.rope_attention(q[:, :, -1:].float(), k.float(), v.float(), cos, sin)
+    cos, sin = ops.rope_cos_sin(Tk, D)
+    full = reference64.rope_attention(q, k, v, cos.double(), sin.double())[:, :, -1:]
+    step = _torch_op(q[:, :, -1:].float(), k.float(), v.float(), cos, sin)
     torch.testing.assert_close(step.double(), full, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,158 @@
+"""Backend selection, shared by every op module: which backend runs a call, and the meter.
+
+The backend comes from `tsfast.ops.use(...)` (a function and a context manager; `train.py
+--kernels` calls it), else the environment variable TSFAST_KERNELS, else "auto":
+
+- "torch": the op module's torch path, everywhere.
+- "auto": Triton when the call's tensors are on a CUDA device, Triton imports and the kernel
+  takes the call; else torch (CPU and MPS: always torch). A call the kernel declines (a head
+  dim it lacks, say) goes to torch with a one-time log line.
+- "triton": Triton, or a `BackendUnavailable` that names the reason and the fix. On CPU
+  tensors the kernels run only under TRITON_INTERPRET=1 (Triton's slow interpreter).
+
+torch.compile: `use_triton` is evaluated while tracing and compiled in as a constant (select
+the backend before compiling; a later use() does not recompile). Both paths are traceable:
+the Triton path is an opaque `torch.library` custom op (docs/design.md, "Compile").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from tsfast import meter as _meter
+from tsfast.flops import OpCost
+
+log = logging.getLogger("tsfast.ops")
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+class BackendUnavailable(RuntimeError):
+    """`--kernels triton` was asked for where the Triton kernels cannot run."""
+
+
+_selected: str | None = None  # set by use(); None means "read TSFAST_KERNELS, else auto"
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: use(...) if set, else $TSFAST_KERNELS, else "auto"."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get("TSFAST_KERNELS", "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"TSFAST_KERNELS={env!r} is not a backend: choose one of {', '.join(BACKENDS)}")
+    return env
+
+
+class use:
+    """Select the kernel backend: `ops.use("triton")` for the rest of the process, or
+    `with ops.use("torch"): ...` for a block (the previous choice comes back after it)."""
+
+    def __init__(self, backend: str):
+        global _selected
+        self.backend = _check_backend(backend)
+        self._previous = _selected
+        _selected = self.backend
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _selected
+        _selected = self._previous
+        return False
+
+
+_triton_import_error: str | None | bool = False  # False = not checked yet
+
+
+def triton_missing() -> str | None:
+    """Why `import triton` fails here, or None. Checked once, lazily (never at import)."""
+    global _triton_import_error
+    if _triton_import_error is False:
+        try:
+            import triton  # noqa: F401
+
+            _triton_import_error = None
+        except Exception as e:  # ImportError, or a broken install
+            _triton_import_error = f"Triton does not import ({type(e).__name__}: {e})"
+    return _triton_import_error
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_cannot_run(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on tensors on `device` at all, or None."""
+    missing = triton_missing()
+    if missing:
+        return f"{missing}. Install it (Linux: `uv sync`), or use --kernels torch|auto"
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_on()):
+        return None
+    fix = "use --kernels auto or torch (or TSFAST_KERNELS=torch)"
+    if device.type == "cpu":
+        fix += ", or set TRITON_INTERPRET=1 to run the kernels in Triton's slow CPU interpreter"
+    return f"the tensors are on {device.type}, and the Triton kernels need a CUDA GPU: {fix}"
+
+
+_logged_declines: set[tuple[str, str]] = set()
+
+
+def use_triton(op: str, device: torch.device, declined: str | None = None) -> bool:
+    """Whether this call of `op` runs on Triton. `declined` is why the kernel cannot take this
+    particular call (None if it can): under "auto" such a call goes to torch (logged once),
+    under "triton" it is a BackendUnavailable error."""
+    chosen = get_backend()
+    if chosen == "torch":
+        return False
+    if chosen == "auto":
+        if device.type != "cuda" or triton_missing():
+            return False
+        if declined:
+            if (op, declined) not in _logged_declines:
+                _logged_declines.add((op, declined))
+                log.warning("tsfast: %s runs on torch: %s", op, declined)
+            return False
+        return True
+    cannot = triton_cannot_run(device)
+    if cannot:
+        raise BackendUnavailable(f"--kernels triton cannot run {op}: {cannot}")
+    if declined:
+        raise BackendUnavailable(
+            f"--kernels triton cannot run this {op} call: {declined}. "
+            "Use --kernels auto to send such calls to torch"
+        )
+    return True
+
+
+# Dynamo calls use_triton while tracing and bakes its answer into the graph, instead of
+# tracing through env reads, imports and logging (what torch.compiler.assume_constant_result
+# sets; set directly because importing torch._dynamo at import time costs seconds).
+use_triton._dynamo_marked_constant = True
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for `device_type`, or None when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def run(op: str, backend: str, impl, args: tuple, cost) -> torch.Tensor:
+    """impl(*args); with a meter enabled (outside torch.compile), timed under `op`.
+    `cost` is a zero-argument callable giving the call's OpCost (computed only when metered)."""
+    meter = _meter._active
+    if meter is None or torch.compiler.is_compiling():
+        return impl(*args)
+    spent: OpCost = cost()
+    return meter.time_call(op, backend, spent, impl, args, {})
