@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tsfast import reference
+from tsfast.ops.attention import attended_pairs
+from tsfast.ops.rotary import apply_rope, rope_cos_sin
 from tsfast.testing import assert_parity, device_for_tests, interpreter_ready, kernel_dtypes, poison_
 
 pytestmark = pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready()))
@@ -71,7 +72,7 @@ def attend(q, k, v, cos, sin, doc_ids, causal, grad, *, dtype_path):
         qr, kr = q, k
     elif dtype_path:
         c, s = cos[pos][:, None], sin[pos][:, None]
-        qr, kr = reference.apply_rope(q, c, s), reference.apply_rope(k, c, s)
+        qr, kr = apply_rope(q, c, s), apply_rope(k, c, s)
     else:
         c, s = cos.double()[pos][:, None], sin.double()[pos][:, None]
         qr, kr = rotate64(q, c, s), rotate64(k, c, s)
@@ -95,7 +96,7 @@ def make_inputs(B, H, T, D, dtype, *, rope, layout, seed):
         q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
     else:
         q, k, v = (torch.randn(B, H, T, D, generator=gen).to(dev, dtype) for _ in range(3))
-    cos, sin = reference.rope_cos_sin(T, D, device=dev) if rope else (None, None)
+    cos, sin = rope_cos_sin(T, D, device=dev) if rope else (None, None)
     return q, k, v, cos, sin
 
 
@@ -204,6 +205,7 @@ def test_doc_bounds_and_pairs(causal):
     assert pairs == int(mask.sum())
     lengths = [1, 4, 2, 3, 10]
     assert pairs == sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+    assert pairs == attended_pairs(doc_ids, doc_ids.shape[1], causal)  # the op's FLOP count agrees
 
 
 def test_doc_mask_pairs_random_layouts():
