@@ -19,7 +19,13 @@ import torch.nn.functional as F
 
 from tsfast.ops.attention import attended_pairs
 from tsfast.ops.rotary import apply_rope, rope_cos_sin
-from tsfast.testing import assert_parity, device_for_tests, interpreter_ready, kernel_dtypes, poison_
+from tsfast.testing import (
+    assert_parity,
+    device_for_tests,
+    interpreter_ready,
+    kernel_dtypes,
+    poison_,
+)
 
 pytestmark = pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready()))
 
