@@ -26,11 +26,25 @@ Backward, with p = exp2(z - lse2) recomputed from the saved lse2:
     dq = R^T dq_r,  dk = R^T dk_r             gradients w.r.t. the un-rotated q and k
 One kernel owns a key block and loops over query blocks (dk, dv); another owns a query block
 and loops over key blocks (dq). Each output element is written by exactly one program, with
-no atomics, so the backward is bit-identical run to run.
+no atomics, so the backward is bit-identical run to run. The backward kernels live in
+rope_attention_backward.py.
+
+Document mask (doc_ids, the contract in tsfast/ops/attention.py; Tq == Tk): the launchers turn
+doc_ids into int32 (B, T) tables start[t] (first index of t's document) and end[t] (one past
+its last); query t sees key s iff start[t] <= s < end[t] (and s <= t if causal), and every
+token is rotated at pos = t - start[t] (cos/sin rows gathered per token). Work skipping:
+a query block starts at the key block holding its first row's document start; key blocks
+from start[last row] up to the diagonal (causal) or to end[first row] (not causal) hold only
+keys every row sees and run unmasked; the others (document boundaries, diagonal, tail) run
+masked. The dk/dv program of a key block visits query blocks from the diagonal (causal) or
+start[first key], up to end[last key], staged the same way. In a masked block a row may see
+no key yet, so the running max is guarded against exp2(-inf - -inf). Without doc_ids the
+constexpr DOC_MASK is False and none of this is compiled: the kernels are the ones without it.
 
 Static GPU report (`report_cases()`, bf16, D=64): every config in CONFIGS compiles for sm_80
 and sm_90 with 0 spill bytes, HMMA (sm_80) / HGMMA (sm_90) and 128-bit loads; sm_80 uses
 168-255 registers a thread (rotated q/k tiles plus fp32 accumulators), sm_90 118-246 (D=128 configs: see CONFIGS).
+The document-masked variants ("_doc" rows) use DOC_MASK_CONFIGS, also 0 spill bytes on both.
 """
 
 from __future__ import annotations
