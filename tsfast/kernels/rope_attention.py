@@ -262,8 +262,8 @@ def doc_bounds(doc_ids):
     B, T = doc_ids.shape
     idx = torch.arange(T, dtype=torch.int32, device=doc_ids.device).expand(B, T)
     change = doc_ids[:, 1:] != doc_ids[:, :-1]
-    first = torch.cat((torch.ones_like(change[:, :1]), change), 1)
-    last = torch.cat((change, torch.ones_like(change[:, :1])), 1)
+    edge = torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device)
+    first, last = torch.cat((edge, change), 1), torch.cat((change, edge), 1)
     start = torch.where(first, idx, 0).cummax(1).values
     end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
