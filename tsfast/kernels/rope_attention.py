@@ -269,15 +269,6 @@ def doc_bounds(doc_ids):
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
-def doc_mask_pairs(doc_ids, causal):
-    """Number of (query, key) pairs attended per head under the document mask (the work the
-    kernels do, for FLOP counts): sum over documents of L(L+1)/2 if causal, else L^2."""
-    start, end = doc_bounds(doc_ids)
-    if causal:
-        return int((torch.arange(doc_ids.shape[1], device=doc_ids.device) - start + 1).sum())
-    return int((end - start).sum(dtype=torch.int64))
-
-
 def _doc_args(q, doc_ids):
     """START, END for the kernels and the DOC_MASK flag (dummy pointers when doc_ids is None)."""
     if doc_ids is None:
@@ -329,16 +320,12 @@ def _backward(do, q, k, v, cos, sin, o, lse, causal, scale, doc_ids=None):
 
 def forward(q, k, v, cos, sin, causal: bool, scale: float, *, doc_ids=None):
     """(o, lse2): the attention output (B, H, T, D) and the base-2 log-sum-exp (B*H, T) fp32."""
-    if doc_ids is not None:
-        raise NotImplementedError("document masking is not in the Triton kernel yet")
-    return _forward(q, k, v, cos, sin, causal, scale)
+    return _forward(q, k, v, cos, sin, causal, scale, doc_ids)
 
 
 def backward(do, q, k, v, cos, sin, o, lse, causal: bool, scale: float, *, doc_ids=None):
     """(dq, dk, dv) with respect to the un-rotated q and k."""
-    if doc_ids is not None:
-        raise NotImplementedError("document masking is not in the Triton kernel yet")
-    return _backward(do, q, k, v, cos, sin, o, lse, causal, scale)
+    return _backward(do, q, k, v, cos, sin, o, lse, causal, scale, doc_ids)
 
 
 # ----------------------------------------------------------------------------- static report

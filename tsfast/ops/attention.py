@@ -25,7 +25,8 @@ Backends: torch (CPU/MPS, and anything the kernel declines) is SDPA over rotated
 with ATen's CPU flash kernel and a lean backward for the training shape on CPU; Triton is
 `tsfast/kernels/rope_attention.py` (FlashAttention-2 with the rotation applied to tiles as
 they load), registered below as the custom ops tsfast::rope_attention_fwd / _bwd. The kernel
-takes Tq == Tk, D in KERNEL_HEAD_DIMS, no dropout. Under autocast q, k, v are cast to the
+takes Tq == Tk, D in KERNEL_HEAD_DIMS, no dropout; with doc_ids it skips key blocks wholly
+outside the query block's documents and masks only the blocks on a boundary. Under autocast q, k, v are cast to the
 autocast dtype (as SDPA's autocast does); cos and sin stay fp32.
 """
 
@@ -257,8 +258,6 @@ def _triton_path(q, k, v, cos, sin, doc_ids, causal, scale, dropout_p):
 def kernel_declines(q, k, *, dropout_p: float, doc_ids) -> str | None:
     """Why the Triton kernel cannot take this call (None if it can); reads only shapes and dtypes."""
     D = q.shape[-1]
-    if doc_ids is not None:
-        return "document masking is not in the Triton kernel yet"
     if D not in KERNEL_HEAD_DIMS:
         return f"head dim {D} is not one of {KERNEL_HEAD_DIMS} (change n_embd/n_head)"
     if q.shape[2] != k.shape[2]:
