@@ -119,6 +119,9 @@ class Trainer:
             )
         self.accum = cfg.grad_accum // self.dist.world_size
         self.log = RunLog(cfg.out_dir, is_main=self.dist.is_main)
+        fallback = runtime.auto_device_warning(cfg.device, self.device)
+        if fallback:
+            self.log.warn(fallback)
         distributed.init(self.dist, self.device)
         runtime.fast_math(self.device)
 
