@@ -50,6 +50,8 @@ def _cases():
                 marks = []
                 if cand.backend == "triton" and interpreter_ready():
                     marks.append(pytest.mark.skip(reason=str(interpreter_ready())))
+                if dtype == torch.bfloat16 or (cand.backend == "torch" and dtype != torch.float32):
+                    marks.append(pytest.mark.gpu)  # `pytest -m gpu` (and tsfast.gpucheck) runs these
                 if cand.backend == "triton" and dtype not in kernel_dtypes():
                     marks.append(pytest.mark.skip(reason="bf16 runs on a GPU only (the interpreter gets bf16 dots wrong)"))
                 if cand.backend == "torch" and dtype != torch.float32 and not on_gpu():
