@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 
+
 def agreement(losses_a: list, losses_b: list) -> dict:
     """Whether both loss curves fall, and agree within what bf16 explains: two bf16 runs
     that differ only in reduction order drift apart by a few hundredths of a nat over a few
