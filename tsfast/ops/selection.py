@@ -151,6 +151,7 @@ class Selector:
         self.cache_dir = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
         self.measure = measure
         self._choices: dict[str, dict] = {}  # key -> record, in the order made
+        self._seen: dict[tuple, str] = {}  # exact call -> chosen name
         self._files: dict[Path, dict] = {}  # cache file -> its usable entries
         self._write_failed = False
 
@@ -159,9 +160,13 @@ class Selector:
     def pick(self, family: Family, device: torch.device, call: tuple, allowed: tuple[str, ...],
              autocast: str | None) -> str:
         """The name of the candidate (one of `allowed`) that runs calls with this key."""
+        fast = (family.op, call, device.type, autocast, allowed)
+        if fast in self._seen:  # every call after the first: one dict lookup
+            return self._seen[fast]
         key = family.key(call, device.type, autocast, allowed)
         if key in self._choices:
-            return self._choices[key]["chosen"]
+            self._seen[fast] = self._choices[key]["chosen"]
+            return self._seen[fast]
         path = self._cache_file(device)
         cached = self._file_entries(path, device).get(key) if path else None
         if cached is not None and cached.get("chosen") in allowed:
@@ -174,6 +179,7 @@ class Selector:
             record = self._record(family, call, allowed, {}, {}, allowed[0], "default")
             log.warning("tsfast: %s was not chosen on rank 0; this process runs %s for it", key, allowed[0])
         self._choices[key] = {**record, "key": key}
+        self._seen[fast] = record["chosen"]
         return record["chosen"]
 
     def _record(self, family, call, allowed, ms, skipped, chosen, source) -> dict:
