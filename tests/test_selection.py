@@ -136,6 +136,16 @@ def test_a_choice_is_fixed_for_the_run(tmp_path):
     assert len(timer.calls) == 3
 
 
+def test_a_malformed_entry_in_a_valid_file_is_measured_again(tmp_path):
+    sel, timer, fam = _selector(tmp_path, {"triton": 1.0, "torch": 2.0, "torch_alt": 3.0})
+    key = fam.key((64, 16, "float32", True), "cpu", None, ALL)
+    path = sel._cache_file(CPU)
+    path.write_text(json.dumps({"format": selection.FORMAT, "env": selection.environment(CPU),
+                                "choices": {key: {"chosen": "torch", "ms": "fast"}}}))
+    assert sel.pick(fam, CPU, (64, 16, "float32", True), ALL, None) == "triton"
+    assert len(timer.calls) == 3 and selection.format_table(sel.records())
+
+
 @pytest.mark.parametrize("content, says", [
     ("{not json", "unreadable"),
     ("[1, 2]", "unreadable"),

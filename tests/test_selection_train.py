@@ -115,7 +115,13 @@ def test_ddp_rank0_measures_and_every_rank_runs_its_choices(tmp_path):
     assert set(r1["sources"]) == {"rank 0"} and set(r0["sources"]) == {"measured"}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forced_backends_measure_nothing(backend, monkeypatch):
+@pytest.mark.parametrize("backend, device, measured", [
+    ("torch", "cuda", False), ("triton", "cuda", False), ("auto", "cpu", False), ("auto", "mps", False),
+    ("auto", "cuda", True),
+])
+def test_only_auto_on_cuda_measures(backend, device, measured, monkeypatch):
     monkeypatch.setattr(_backend, "_selected", backend)
-    assert not _backend.measures(torch.device("cuda"))
+    monkeypatch.setattr(_backend, "triton_missing", lambda: None)
+    assert _backend.measures(torch.device(device)) == measured
+    monkeypatch.setattr(_backend, "triton_missing", lambda: "Triton does not import")
+    assert not _backend.measures(torch.device(device))  # do_bench comes with Triton

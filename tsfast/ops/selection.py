@@ -86,6 +86,13 @@ class Family:
                 f"among {','.join(allowed)}")
 
 
+def _usable(record, allowed: tuple[str, ...]) -> bool:
+    """A cache entry that has what the table reads and a choice among today's candidates."""
+    return (isinstance(record, dict) and record.get("chosen") in allowed and record.get("candidates") == list(allowed)
+            and isinstance(record.get("ms"), dict) and isinstance(record.get("backends"), list)
+            and len(record["backends"]) == len(allowed) and isinstance(record.get("shape"), str))
+
+
 def _mode(call: tuple) -> str:
     return "fwd+bwd" if call[-1] else "fwd"
 
@@ -169,7 +176,7 @@ class Selector:
             return self._seen[fast]
         path = self._cache_file(device)
         cached = self._file_entries(path, device).get(key) if path else None
-        if cached is not None and cached.get("chosen") in allowed:
+        if _usable(cached, allowed):
             record = {**cached, "source": "cache"}
         elif self.measure:
             record = self._measure(family, device, call, allowed, autocast)
@@ -188,7 +195,11 @@ class Selector:
                 "ms": ms, "skipped": skipped, "chosen": chosen, "source": source}
 
     def _measure(self, family: Family, device: torch.device, call: tuple, allowed, autocast) -> dict:
-        args, wrt = family.bench_inputs(call, device)
+        try:
+            args, wrt = family.bench_inputs(call, device)
+        except Exception as e:  # even the inputs do not fit: run the default, say why
+            log.warning("tsfast: cannot time %s (%s: %s); it runs %s", family.op, type(e).__name__, e, allowed[0])
+            return self._record(family, call, allowed, {}, {}, allowed[0], "default (inputs failed)")
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         ms, skipped = {}, {}
         for name in allowed:
