@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
 from tsfast.ops._checks import check_float, check_same, float64_declined
-from tsfast.ops.rotary import apply_rope, doc_positions, rotate
+from tsfast.ops.rotary import apply_rope, doc_positions, rope_cos_sin, rotate
+from tsfast.ops.selection import Candidate, Family
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # what the Triton kernel compiles for
 BACKWARD_FACTOR = 2.5  # five products in backward (dV, dP, dQ, dK, recomputed QK^T) vs two
@@ -267,6 +268,35 @@ def kernel_declines(q, k, *, dropout_p: float, doc_ids) -> str | None:
     return float64_declined(q)
 
 
+# ----------------------------------------------------------------------------- candidates
+# Under --kernels auto on CUDA the faster of these runs (ops/selection.py); the first of each
+# backend is what --kernels triton / torch run.
+
+
+def _bench_inputs(call, device):
+    """Random inputs of a call's shape: q, k, v as views of one fused projection (the model's
+    layout), with the kernel's cos/sin tables when the call has them."""
+    B, H, Tq, Tk, D, causal, rope, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(B, Tk, 3, H, D, generator=g, device=device).to(getattr(torch, dtype))
+    q, k, v = (t.detach().requires_grad_(grad) for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    q = q[:, :, Tk - Tq:].detach().requires_grad_(grad)
+    cos, sin = rope_cos_sin(Tk, D, device=device) if rope else (None, None)
+    return (q, k, v, cos, sin, None, causal, None, 0.0), ([q, k, v] if grad else [])
+
+
+FAMILY = Family(
+    "rope_attention",
+    (
+        Candidate("triton", "triton", _triton_path),
+        Candidate("torch", "torch", _torch_path),  # rotary, then F.scaled_dot_product_attention
+    ),
+    fields=("B", "H", "Tq", "Tk", "D", "causal", "rope", "dtype", "grad"),
+    bucketed=("B", "Tq", "Tk"),
+    bench_inputs=_bench_inputs,
+)
+
+
 # ----------------------------------------------------------------------------- the op
 
 
@@ -276,13 +306,15 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     q: (B, H, Tq, D); k, v: (B, H, Tk, D); cos, sin: (Tk, D/2) fp32 or None;
     doc_ids: (B, Tk) non-decreasing ints or None. Returns (B, H, Tq, D) in q's dtype."""
     _validate(q, k, v, cos, sin, dropout_p, doc_ids)
-    triton = _backend.use_triton("rope_attention", q.device, kernel_declines(q, k, dropout_p=dropout_p, doc_ids=doc_ids))
-    impl = _triton_path if triton else _torch_path
+    B, H, Tq, D = q.shape
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    call = (B, H, Tq, k.shape[2], D, bool(causal), cos is not None, str(q.dtype).removeprefix("torch."), grad)
+    declined = kernel_declines(q, k, dropout_p=dropout_p, doc_ids=doc_ids)
+    chosen = FAMILY.candidate(_backend.choose(FAMILY, q.device, call, declined))
 
     def cost():
-        B, H, Tq, D = q.shape
         pairs = None if doc_ids is None else attended_pairs(doc_ids, Tq, causal)
         return rope_attention_cost(B, H, Tq, D, causal=causal, k_len=k.shape[2], pairs=pairs)
 
-    return _backend.run("rope_attention", "triton" if triton else "torch", impl,
+    return _backend.run("rope_attention", chosen.name, chosen.impl,
                         (q, k, v, cos, sin, doc_ids, causal, scale, dropout_p), cost)

@@ -34,6 +34,7 @@ from tsfast.ops import _backend
 from tsfast.ops._backend import empty_as_none as _or_none
 from tsfast.ops._backend import none_as_empty as _or_empty
 from tsfast.ops._checks import check_float, check_same, check_vector, float64_declined
+from tsfast.ops.selection import Candidate, Family
 
 ACTIVATIONS = (None, "gelu_tanh")
 
@@ -232,6 +233,64 @@ def _layer_norm_triton(x, weight, bias, eps):
     return y.view(x.shape)
 
 
+# ----------------------------------------------------------------------------- candidates
+# Under --kernels auto on CUDA the fastest of each family runs (ops/selection.py); the first
+# of each backend is what --kernels triton / torch run.
+
+
+def _random(g, device, dtype, *shape, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, generator=g, device=device) * scale + shift).to(getattr(torch, dtype))
+
+
+def _linear_bench_inputs(call, device):
+    N, C, F_, activation, ln_bias, bias, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    x = _random(g, device, dtype, N, C, scale=2.0, shift=0.5)
+    lw = _random(g, device, dtype, C, scale=0.2, shift=1.0)
+    lb = _random(g, device, dtype, C, scale=0.2) if ln_bias else None
+    w = _random(g, device, dtype, F_, C, scale=C**-0.5)
+    b = _random(g, device, dtype, F_, scale=0.2) if bias else None
+    leaves = [t.requires_grad_(grad) for t in (x, lw, lb, w, b) if t is not None]
+    return (x, lw, lb, w, b, activation, 1e-5), (leaves if grad else [])
+
+
+def _norm_bench_inputs(call, device):
+    N, C, bias, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    x = _random(g, device, dtype, N, C, scale=2.0, shift=0.5).requires_grad_(grad)
+    w = _random(g, device, dtype, C, scale=0.2, shift=1.0).requires_grad_(grad)
+    b = _random(g, device, dtype, C, scale=0.2).requires_grad_(grad) if bias else None
+    return (x, w, b, 1e-5), ([t for t in (x, w, b) if t is not None] if grad else [])
+
+
+LAYERNORM_LINEAR = Family(
+    "layernorm_linear",
+    (
+        Candidate("triton", "triton", _layernorm_linear_triton),
+        Candidate("torch", "torch", _layernorm_linear_torch),  # F.layer_norm, cuBLAS F.linear, F.gelu
+    ),
+    fields=("N", "C", "F", "act", "ln_bias", "bias", "dtype", "grad"),
+    bucketed=("N",),
+    bench_inputs=_linear_bench_inputs,
+)
+
+LAYER_NORM = Family(
+    "layer_norm",
+    (Candidate("triton", "triton", _layer_norm_triton), Candidate("torch", "torch", _layer_norm_torch)),
+    fields=("N", "C", "bias", "dtype", "grad"),
+    bucketed=("N",),
+    bench_inputs=_norm_bench_inputs,
+)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 # ----------------------------------------------------------------------------- the ops
 
 
@@ -246,10 +305,11 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=Non
     check_same("x,weight", (x, weight), "device")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
-    triton = _backend.use_triton("layernorm_linear", x.device, float64_declined(x))
-    impl = _layernorm_linear_triton if triton else _layernorm_linear_torch
     C, F_ = weight.shape[1], weight.shape[0]
-    return _backend.run("layernorm_linear", "triton" if triton else "torch", impl,
+    call = (x.numel() // C, C, F_, activation, ln_bias is not None, bias is not None, _dtype_name(x),
+            _wants_grad(x, ln_weight, ln_bias, weight, bias))
+    chosen = LAYERNORM_LINEAR.candidate(_backend.choose(LAYERNORM_LINEAR, x.device, call, float64_declined(x)))
+    return _backend.run("layernorm_linear", chosen.name, chosen.impl,
                         (x, ln_weight, ln_bias, weight, bias, activation, eps),
                         lambda: layernorm_linear_cost(x.numel() // C, C, F_))
 
@@ -258,8 +318,8 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x (..., C); weight, bias: (C,)."""
     _validate_norm(x, weight, bias, eps)
     check_same("x,weight,bias", (x, weight, bias), "dtype")
-    triton = _backend.use_triton("layer_norm", x.device, float64_declined(x))
-    impl = _layer_norm_triton if triton else _layer_norm_torch
     C = x.shape[-1]
-    return _backend.run("layer_norm", "triton" if triton else "torch", impl, (x, weight, bias, eps),
+    call = (x.numel() // C, C, bias is not None, _dtype_name(x), _wants_grad(x, weight, bias))
+    chosen = LAYER_NORM.candidate(_backend.choose(LAYER_NORM, x.device, call, float64_declined(x)))
+    return _backend.run("layer_norm", chosen.name, chosen.impl, (x, weight, bias, eps),
                         lambda: layer_norm_cost(x.numel() // C, C, x.element_size()))

@@ -131,6 +131,11 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
         on_cuda = overrides.get("device") in (None, "auto", "cuda") and _cuda_available()
         name = "baby_gpu" if on_cuda else "tiny"
         why = "a CUDA GPU is available" if on_cuda else "no CUDA GPU here (it trains in a few minutes on a CPU)"
+        if not on_cuda and overrides.get("device") in (None, "auto"):
+            from tsfast.train.runtime import unusable_gpu
+
+            if unusable_gpu():
+                why = "the NVIDIA GPU here cannot be used by this PyTorch (see the warning that follows)"
         cfg = apply_overrides(preset(name), overrides)
         notes.append(f"config: {name}, because {why}; choose with --config {{{','.join(PRESETS)}}}")
     if cfg.init_from:

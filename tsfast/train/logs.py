@@ -5,6 +5,8 @@ Only rank 0 writes anything. metrics.jsonl gets one JSON object per line:
     {"type": "train", "step", "loss", "lr", "ms", "tokens_per_s", "tflops", "mfu"}   (mfu: null
                                                           where the device's peak is unknown)
     {"type": "eval", "step", "train_loss", "val_loss", "best_val_loss"}
+    {"type": "kernels", "step", "choices": [...]}   (--kernels auto on CUDA: the measured
+                                                          choices, tsfast/ops/selection.py)
 
 WandB is imported only with --wandb. A WandB that fails to start or to log prints one warning
 and the run goes on without it: losing a dashboard never costs a training run.
@@ -158,6 +160,16 @@ class RunLog:
         self._write(rec)
         if self.wandb is not None:
             self.wandb.log({"eval/train_loss": rec["train_loss"], "eval/val_loss": rec["val_loss"]}, step=rec["step"])
+
+    def kernels(self, step: int, records: list[dict], lines: list[str]) -> None:
+        """Kernel choices made under --kernels auto: a table on the console, one record."""
+        if not self.is_main or not records:
+            return
+        self.say("kernel selection (--kernels auto; median ms of each candidate, forward+backward "
+                 "or forward alone; speedup over the fastest plain-PyTorch way):")
+        for line in lines:
+            self.say("    " + line)
+        self._write({"type": "kernels", "step": step, "choices": records})
 
     def close(self) -> None:
         if self.file is not None:

@@ -38,9 +38,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tsfast import flops, ops
 from tsfast.config import SEED_MAX, ConfigError, TrainConfig
 from tsfast.model import GPT
+from tsfast.ops import selection
 from tsfast.train import checkpoint as ckpt_io
 from tsfast.train import data as data_mod
-from tsfast.train import distributed, outdir, runtime
+from tsfast.train import distributed, kernel_choice, outdir, runtime
 from tsfast.train.ckpt_fields import CheckpointError, check_optimizer_state
 from tsfast.train.logs import RunLog
 from tsfast.train.outdir import OutputError
@@ -115,6 +116,9 @@ class Trainer:
     def _setup(self, resume: dict | None) -> None:
         cfg = self.cfg
         self.log = RunLog(cfg.out_dir, is_main=self.dist.is_main)
+        fallback = runtime.auto_device_warning(cfg.device, self.device)
+        if fallback:
+            self.log.warn(fallback)
         distributed.init(self.dist, self.device)
         runtime.fast_math(self.device)
 
@@ -160,6 +164,7 @@ class Trainer:
         )
         self.device_name = runtime.device_name(self.device)
         self.meter = None
+        self.logged_choices: int | None = None  # kernel choices logged so far; None: none measured
         self.signals = StopSignals()
 
     # ------------------------------------------------------------------ state
@@ -324,9 +329,27 @@ class Trainer:
                            "best_val_loss": self.best_val_loss})
             if improved:
                 error = self._write("best")
+            self.log_new_choices()
         self.save_resume(error)
 
     # ------------------------------------------------------------------ run
+
+    def choose_kernels(self) -> None:
+        """--kernels auto on CUDA: measure the candidates of every op before the first step
+        (tsfast/train/kernel_choice.py), and log the choices."""
+        records = kernel_choice.select(self.model, self.cfg.batch_size, self.cfg.block_size,
+                                       self.device, self.dtype, self.dist)
+        if records is not None:
+            self.logged_choices = 0
+            self.log_new_choices()
+
+    def log_new_choices(self) -> None:
+        """Log choices made since the last call (a shape first met later, in sampling say)."""
+        if not self.dist.is_main or self.logged_choices is None:
+            return
+        new = selection.current().records()[self.logged_choices:]
+        self.logged_choices += len(new)
+        self.log.kernels(self.step, new, selection.format_table(new))
 
     def announce(self) -> None:
         cfg = self.cfg
@@ -353,6 +376,7 @@ class Trainer:
         if cfg.wandb:
             self.log.start_wandb(project=cfg.wandb_project, name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                  config=dataclasses.asdict(cfg), run_id=self.wandb_run_id)
+        self.choose_kernels()
         if cfg.meter:
             from tsfast import meter
 
@@ -411,6 +435,7 @@ class Trainer:
         if stopped_by is None and cfg.sample_at_end and self.dist.is_main:
             sample = self.sample()
             self.log.say(f"sample after {self.step} iterations:\n{sample}")
+            self.log_new_choices()
         self.dump_debug()
         code = 0
         if stopped_by not in (None, "stop_at"):
