@@ -46,22 +46,34 @@ import triton
 import triton.language as tl
 
 from tsfast.kernels.layernorm_gelu_backward import (
+    COLUMN_SUM_BLOCKS,
     DLN_CONFIGS,
     DW_CONFIGS,
+    FP32_CONFIGS,
+    _column_sum_kernel,
     _dln_matmul_kernel,
     _dw_matmul_kernel,
     _gelu_tanh,
     _grouped_tile,
-    _pick,
+    _layer_norm_bwd_kernel,
+    autotuned,
     config_label,
     dln_matmul,
-    dot_precision,
     dw_matmul,
+    layer_norm_backward,
     matmul_config,
     n_bucket,
 )
+from tsfast.kernels.layernorm_gelu_backward import layernorm_linear_backward_prologue
+from tsfast.kernels.layernorm_gelu_backward import row_warps as _row_warps
+from tsfast.kernels.layernorm_gelu_dpre import _dpre_kernel, dpre_config, layernorm_linear_backward_dpre
+from tsfast.kernels.precision import dot_precision
 
-__all__ = ["layernorm_linear", "layer_norm", "report_cases"]
+__all__ = [
+    "BACKWARD_VARIANTS", "layer_norm", "layernorm_linear", "layernorm_linear_backward",
+    "layernorm_linear_backward_dpre", "layernorm_linear_backward_prologue", "layernorm_linear_forward",
+    "report_cases",
+]
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -100,14 +112,14 @@ def _ln_linear_fwd_kernel(
     Rstd,  # (N,) fp32 row reciprocal standard deviations
     LnW,  # (C,) LayerNorm gamma
     LnB,  # (C,) LayerNorm beta (read only when HAS_LN_BIAS)
-    W,  # (F, C) linear weight, contiguous
+    W,  # (F, C) linear weight, contiguous; its dtype is the dot operands' (x may be fp32)
     Bias,  # (F,) linear bias (read only when HAS_BIAS)
-    Y,  # (N, F) out: act(LN(x) @ W^T + b), contiguous
-    Pre,  # (N, F) out: pre-activation for the backward (written only when GELU)
+    Y,  # (N, F) out: act(LN(x) @ W^T + b), contiguous, in W's dtype
+    Pre,  # (N, F) out: pre-activation for the backward (written only when GELU), W's dtype
     N, F, C,
     N_BUCKET,  # next power of two of N (capped): only the autotune key
     HAS_LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" otherwise (unused)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input_precision (tsfast.kernels.precision)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(F, BLOCK_N), GROUP_M)
@@ -129,7 +141,8 @@ def _ln_linear_fwd_kernel(
         if HAS_LN_BIAS:
             xn += tl.load(LnB + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         w = tl.load(W + feats_in[None, :] * C + ks[:, None], mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(xn.to(x.dtype), w, acc, input_precision=DOT_PRECISION)
+        # LN in fp32, rounded to the weight's dtype only as the dot operand (autocast's order).
+        acc = tl.dot(xn.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + feats_in).to(tl.float32)[None, :]
     out_offs = rows.to(tl.int64)[:, None] * F + feats[None, :]
@@ -140,86 +153,19 @@ def _ln_linear_fwd_kernel(
     tl.store(Y + out_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _layer_norm_bwd_kernel(
-    X,  # (N, C) LayerNorm input, contiguous
-    DY,  # (N, C) gradient with respect to LayerNorm's output (any float dtype), contiguous
-    LnW,  # (C,) gamma
-    Mean,  # (N,) fp32 row means
-    Rstd,  # (N,) fp32 row reciprocal standard deviations
-    DX,  # (N, C) out: input gradient, in x's dtype
-    DGammaPart,  # (P, C) fp32 out: this program's partial sum of dY * xhat
-    DBetaPart,  # (P, C) fp32 out: this program's partial sum of dY
-    N, C, rows_per_program,
-    BLOCK_C: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-    gamma = tl.load(LnW + cols, mask=mask, other=0.0).to(tl.float32)
-    dgamma = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dbeta = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    first = pid.to(tl.int64) * rows_per_program
-    for i in range(0, min(rows_per_program, N - first)):
-        row = first + i
-        offs = row * C + cols
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + row)
-        xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
-        g = dy * gamma
-        mean_g = tl.sum(g, axis=0) / C
-        mean_gx = tl.sum(g * xhat, axis=0) / C
-        tl.store(DX + offs, (rstd * (g - mean_g - xhat * mean_gx)).to(DX.dtype.element_ty), mask=mask)
-        dgamma += dy * xhat
-        dbeta += dy
-    tl.store(DGammaPart + pid * C + cols, dgamma, mask=mask)
-    tl.store(DBetaPart + pid * C + cols, dbeta, mask=mask)
-
-
-@triton.jit
-def _column_sum_kernel(
-    Part,  # (P, C) fp32 per-program partial sums, contiguous
-    Out,  # (C,) out: column sums, in the parameter's dtype
-    P, C,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for p in range(0, P, BLOCK_P):
-        ps = p + tl.arange(0, BLOCK_P)
-        mask = (ps < P)[:, None] & (cols < C)[None, :]
-        acc += tl.load(Part + ps[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < C)
-
-
 # ----------------------------------------------------------------------------- autotuning
 
 # Survivors of the static report (sm_80 and sm_90, bf16, 0 spill bytes, <= 91 KB shared).
 # Expected (unmeasured): 128x128 tiles suit gpt2 sizes; the 64-wide ones give more programs
-# to fill 108/132 SMs at small N or F. The autotuner picks among them on the GPU.
+# to fill 108/132 SMs at small N or F. The autotuner picks among them on the GPU (fp32
+# operands: FP32_CONFIGS).
 FWD_CONFIGS = [
     matmul_config(128, 128, 64, 8, 3),
     matmul_config(128, 64, 64, 4, 4),
     matmul_config(64, 128, 64, 4, 4),
     matmul_config(64, 64, 64, 4, 4),
 ]
-_ln_linear_fwd = triton.autotune(configs=_pick(FWD_CONFIGS), key=["F", "C", "N_BUCKET"])(_ln_linear_fwd_kernel)
-
-
-def _row_warps(block_c: int, elem_bytes: int) -> int:
-    """Warps for a one-row-per-program kernel: 16 bytes a thread per load (128-bit)."""
-    return max(1, min(16, block_c * elem_bytes // (16 * 32)))
-
-
-COLUMN_SUM_BLOCKS = {"BLOCK_P": 32, "BLOCK_C": 128}
-
-
-def _num_partials(n_rows: int, device: torch.device) -> int:
-    """Programs of the LayerNorm backward: a few per SM keeps the partial buffer small."""
-    if device.type == "cuda":
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_rows, 8))
+_ln_linear_fwd = autotuned(_ln_linear_fwd_kernel, FWD_CONFIGS, operand="W")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -241,34 +187,17 @@ def _row_stats(x2, ln_weight, ln_bias, eps, *, write_y: bool):
     return y, mean, rstd
 
 
-def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    P, C = part.shape
-    out = torch.empty(C, dtype=dtype, device=part.device)
-    _column_sum_kernel[(triton.cdiv(C, COLUMN_SUM_BLOCKS["BLOCK_C"]),)](part, out, P, C, **COLUMN_SUM_BLOCKS)
-    return out
-
-
 def _layer_norm_backward(x2, dy2, ln_weight, mean, rstd, *, need_dbeta: bool):
     """(dx, dgamma, dbeta or None) for LayerNorm rows; dy2 (N, C) contiguous, any float dtype."""
-    N, C = x2.shape
-    P = _num_partials(N, x2.device)
-    dx = torch.empty_like(x2)
-    dgamma_part = torch.empty(P, C, dtype=torch.float32, device=x2.device)
-    dbeta_part = torch.empty_like(dgamma_part)
-    block_c = triton.next_power_of_2(C)
-    _layer_norm_bwd_kernel[(P,)](
-        x2, dy2, ln_weight, mean, rstd, dx, dgamma_part, dbeta_part, N, C, triton.cdiv(N, P),
-        BLOCK_C=block_c, num_warps=_row_warps(block_c, dy2.element_size()),
-    )
-    dbeta = _column_sum(dbeta_part, ln_weight.dtype) if need_dbeta else None
-    return dx, _column_sum(dgamma_part, ln_weight.dtype), dbeta
+    return layer_norm_backward(x2, dy2, ln_weight, None, mean, rstd, need_dbeta=need_dbeta)[:3]
 
 
 def _ln_linear_forward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, gelu: bool):
-    """(y, pre or None): y = act(LN(x2) @ weight^T + bias), LN applied to A tiles on load."""
+    """(y, pre or None): y = act(LN(x2) @ weight^T + bias), LN applied to A tiles on load.
+    x2, ln_weight, ln_bias in their own dtype (fp32 under autocast); y and pre in weight's."""
     N, C = x2.shape
     F = weight.shape[0]
-    y = torch.empty(N, F, dtype=x2.dtype, device=x2.device)
+    y = torch.empty(N, F, dtype=weight.dtype, device=x2.device)
     pre = torch.empty_like(y) if gelu else None
 
     def grid(meta):
@@ -278,9 +207,65 @@ def _ln_linear_forward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, gelu: b
         x2, mean, rstd, ln_weight, ln_weight if ln_bias is None else ln_bias, weight,
         weight if bias is None else bias, y, y if pre is None else pre, N, F, C, n_bucket(N),
         HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, GELU=gelu,
-        DOT_PRECISION=dot_precision(x2.dtype),
+        DOT_PRECISION=dot_precision(weight.dtype, x2.device),
     )
     return y, pre
+
+
+def layernorm_linear_forward(x, ln_weight, ln_bias, weight, bias=None, *, activation=None, eps=1e-5):
+    """(y, mean, rstd, pre) of y = act(LN(x) @ weight^T + bias), x (N, C) with any N >= 0.
+
+    Dtypes as under torch's autocast: x, ln_weight, ln_bias in their own dtype (fp32 under
+    autocast), the statistics and the normalisation in fp32, the normalised tile rounded to
+    weight's dtype for the dot; weight and bias in the compute dtype, y and pre in weight's.
+    mean, rstd: (N,) fp32; pre: (N, F) pre-activation, or None without an activation (the
+    backward needs it only for GELU'). activation: None or "gelu_tanh".
+    """
+    x = x.contiguous()
+    ln_weight, weight = ln_weight.contiguous(), weight.contiguous()
+    ln_bias = None if ln_bias is None else ln_bias.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    gelu = activation == "gelu_tanh"
+    N, F = x.shape[0], weight.shape[0]
+    if N == 0:
+        mean = torch.empty(0, dtype=torch.float32, device=x.device)
+        y = x.new_empty(0, F, dtype=weight.dtype)
+        return y, mean, mean.clone(), y.clone() if gelu else None
+    _, mean, rstd = _row_stats(x, ln_weight, ln_bias, eps, write_y=False)
+    y, pre = _ln_linear_forward(x, mean, rstd, ln_weight, ln_bias, weight, bias, gelu)
+    return y, mean, rstd, pre
+
+
+BACKWARD_VARIANTS = ("prologue", "dpre")
+
+
+def layernorm_linear_backward(dy, x, mean, rstd, ln_weight, ln_bias, weight, pre, *, bias=None,
+                              input_grads=True, weight_grads=True, variant="prologue"):
+    """(dx, dgamma, dbeta, dW, db) of y = act(LN(x) @ weight^T + bias), given dy = dL/dy.
+
+    x, mean, rstd, pre as `layernorm_linear_forward` gave or took them; dy (N, F), any
+    strides (a stride-0 expanded gradient works); bias: the forward's bias or None (only its
+    presence and dtype matter). input_grads: compute dx, dgamma, dbeta; weight_grads: dW,
+    db. Each gradient comes back in its own input's dtype; None where not asked for or where
+    the input is None. variant (BACKWARD_VARIANTS): "prologue" recomputes dPre = dy * GELU'(pre)
+    inside both gradient matmuls (Triton, nothing extra stored); "dpre" writes dPre once and
+    runs two cuBLAS GEMMs (tsfast.kernels.layernorm_gelu_dpre says which should win where).
+    """
+    if variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"unknown layernorm_linear backward variant {variant!r}: choose one of {BACKWARD_VARIANTS}")
+    x, ln_weight, weight = x.contiguous(), ln_weight.contiguous(), weight.contiguous()
+    ln_bias = None if ln_bias is None else ln_bias.contiguous()
+    pre = None if pre is None else pre.contiguous()
+    dy = dy.reshape(x.shape[0], weight.shape[0])
+    if x.shape[0] == 0:
+        zeros = [None if t is None else torch.zeros_like(t) for t in (ln_weight, ln_bias, weight, bias)]
+        grads = (torch.empty_like(x), *zeros[:2]) if input_grads else (None,) * 3
+        return (*grads, *(zeros[2:] if weight_grads else (None, None)))
+    if variant == "dpre":
+        return layernorm_linear_backward_dpre(dy, x, mean, rstd, ln_weight, ln_bias, weight, pre, bias=bias,
+                                              input_grads=input_grads, weight_grads=weight_grads)
+    return layernorm_linear_backward_prologue(dy.contiguous(), x, mean, rstd, ln_weight, ln_bias, weight, pre,
+                                              bias=bias, input_grads=input_grads, weight_grads=weight_grads)
 
 
 # ----------------------------------------------------------------------------- autograd
