@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tsfast.kernels.precision import dot_precision
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 _alloc_output = torch.empty  # every kernel output is allocated through this: tests swap in a NaN-filled one
@@ -408,7 +410,7 @@ def _common(q, cos, scale):
     B, H, T, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
     rope = cos is not None
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # 16-bit dots ignore it
+    precision = dot_precision(q.dtype, q.device)  # fp32: TF32 when torch allows it, read per launch
     return B, H, T, D, scale, rope, precision
 
 
