@@ -158,3 +158,42 @@ def test_variants_agree_and_unknown_variant_is_refused():
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5, msg=f"d{name}")
     with pytest.raises(ValueError, match="choose one of"):
         lng.layernorm_linear_backward(up, *inputs[:1], None, None, *inputs[1:4], None, variant="cublas")
+
+
+def test_autotuner_picks_the_config_list_by_dtypes(monkeypatch):
+    """Outside the interpreter: fp32 dot operands get FP32_CONFIGS, fp32 x with 16-bit W (autocast)
+    FWD_AUTOCAST_CONFIGS, 16-bit both FWD_CONFIGS."""
+    from tsfast.kernels import layernorm_gelu as lng
+    from tsfast.kernels import layernorm_gelu_backward as lngb
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    tuner = lngb.autotuned(lng._ln_linear_fwd_kernel, lng.FWD_CONFIGS, operand="W",
+                           autocast_configs=lng.FWD_AUTOCAST_CONFIGS)
+    assert "DOT_PRECISION" in tuner.keys
+
+    def pruned(x_dtype, w_dtype):
+        args = {"X": torch.empty(1, dtype=x_dtype), "W": torch.empty(1, dtype=w_dtype)}
+        return sorted(lngb.config_label(c) for c in tuner.early_config_prune(tuner.configs, args))
+
+    def labels(configs):
+        return sorted(lngb.config_label(c) for c in configs)
+
+    assert pruned(FP32, FP32) == labels(lngb.FP32_CONFIGS)
+    assert pruned(FP32, torch.bfloat16) == pruned(FP32, FP16) == labels(lng.FWD_AUTOCAST_CONFIGS)
+    assert pruned(FP16, FP16) == pruned(torch.bfloat16, torch.bfloat16) == labels(lng.FWD_CONFIGS)
+
+
+def test_report_lists_the_fp32_and_autocast_matmuls():
+    from tsfast.kernels import layernorm_gelu as lng
+
+    cases = lng.report_cases()
+    for case in cases:
+        assert list(case["signature"]) == case["fn"].arg_names, case["name"]
+    for name in ("ln_linear_fwd", "ln_linear_dln", "ln_linear_dw"):
+        fp32 = [c for c in cases if c["name"] == name + "_fp32" and c["shape"] == "gpt2"]
+        assert len(fp32) == len(lng.FP32_CONFIGS)
+        assert all(c["constexprs"]["DOT_PRECISION"] == "tf32" for c in fp32)
+        assert all(t in ("*fp32", "i32", "fp32", "constexpr") for c in fp32 for t in c["signature"].values())
+    autocast = [c for c in cases if c["name"] == "ln_linear_fwd_autocast"]
+    assert autocast and all(c["signature"]["X"] == "*fp32" and c["signature"]["W"] == "*bf16" for c in autocast)
+    assert {c["name"] for c in cases} >= {"ln_linear_dpre", "ln_linear_dpre_fp32", "ln_linear_ln_bwd_write_ln"}

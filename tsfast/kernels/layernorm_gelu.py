@@ -1,6 +1,6 @@
 """LayerNorm-GELU: LayerNorm fused into a matmul's prologue, bias + tanh-GELU in its epilogue.
 
-Ops (contracts in DESIGN.md): `layernorm_linear(x, ln_weight, ln_bias, weight, bias, *,
+Ops (contracts in docs/design.md): `layernorm_linear(x, ln_weight, ln_bias, weight, bias, *,
 activation, eps)` = act(LN(x) @ W^T + b) for ln_1 -> c_attn and ln_2 -> c_fc -> GELU, and
 the standalone `layer_norm(x, weight, bias, eps)` for ln_f.
 
@@ -24,10 +24,18 @@ Backward, given dY (N, F):
     dbeta_c = sum_i dLN_ic    dgamma_c = sum_i dLN_ic xhat_ic
     g_ic = dLN_ic gamma_c     dx_ic = rstd_i (g_ic - mean_c(g_i) - xhat_ic mean_c(g_i xhat_i))
 
-dPre is computed in the prologue of both gradient matmuls (layernorm_gelu_backward.py) and
-never stored; dW recomputes xhat on load (gamma, beta in its epilogue) and sums db in the
-same pass. The per-row kernel then gives dx, and per-program partial sums of dgamma/dbeta
-that a second kernel adds up in a fixed order: deterministic, no atomics.
+Two backward variants (`layernorm_linear_backward(..., variant=...)`), both candidates of
+the measured selection: "prologue" computes dPre in the prologue of both gradient matmuls
+(layernorm_gelu_backward.py) and never stores it; dW recomputes xhat on load (gamma, beta in
+its epilogue) and sums db in the same pass. "dpre" (layernorm_gelu_dpre.py) writes dPre once
+and runs two cuBLAS GEMMs. In both, a per-row kernel then gives dx, and per-program partial
+sums of dgamma/dbeta that a second kernel adds up in a fixed order: deterministic, no atomics.
+
+Dtypes follow torch's autocast, which runs layer_norm in fp32 and the linear in 16 bits:
+x, gamma, beta may be fp32 while W, b are bf16/fp16. Statistics and normalisation are fp32,
+the normalised tile is rounded to W's dtype only as the dot operand, y is in W's dtype, and
+every gradient comes back in its own input's dtype. fp32 dots use TF32 when PyTorch's fp32
+matmul setting allows it (tsfast.kernels.precision).
 
 What the forward keeps, by bytes (gpt2 c_fc: N=12,288, C=768, F=3,072, bf16): storing pre
 costs one write (2NF = 75 MB) plus one read in each gradient matmul (150 MB), about 0.07 ms
@@ -165,7 +173,10 @@ FWD_CONFIGS = [
     matmul_config(64, 128, 64, 4, 4),
     matmul_config(64, 64, 64, 4, 4),
 ]
-_ln_linear_fwd = autotuned(_ln_linear_fwd_kernel, FWD_CONFIGS, operand="W")
+# Under autocast the fp32 x tiles double the A operand's staging bytes: 128x128x64 then
+# needs 255 registers and spills 64 bytes on sm_80, so it gives way to BLOCK_K = 32.
+FWD_AUTOCAST_CONFIGS = [matmul_config(128, 128, 32, 8, 3), *FWD_CONFIGS[1:]]
+_ln_linear_fwd = autotuned(_ln_linear_fwd_kernel, FWD_CONFIGS, operand="W", autocast_configs=FWD_AUTOCAST_CONFIGS)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -376,8 +387,10 @@ def _case(name, fn, shape, types, constexprs, *, num_warps, num_stages, config):
 
 
 def report_cases() -> list[dict]:
-    """Every kernel and autotune config of this family, in bf16, at the gpt2 and baby_gpu
-    shapes (the matmuls in their heaviest variant: GELU, both biases)."""
+    """Every kernel and autotune config of this family at the gpt2 and baby_gpu shapes (the
+    matmuls in their heaviest variant: GELU, both biases): in bf16; the matmuls also with
+    fp32 operands (TF32 dots, FP32_CONFIGS) and under autocast (fp32 x, gamma, beta with
+    bf16 W: the forward's FWD_AUTOCAST_CONFIGS, the bf16 configs of dW)."""
     bf16, fp32 = "*bf16", "*fp32"
     cases = []
     for shape, sizes in REPORT_SHAPES.items():
@@ -389,28 +402,51 @@ def report_cases() -> list[dict]:
             cases.append(_case(name, _layer_norm_fwd_kernel, shape, ln_types,
                                {"HAS_BIAS": True, "WRITE_Y": write_y, "BLOCK_C": block_c},
                                num_warps=warps, num_stages=1, config=f"BC{block_c}-w{warps}"))
-        for name, dy_type in (("layer_norm_bwd", bf16), ("ln_linear_ln_bwd", fp32)):
+        # layer_norm's own backward; the prologue variant's (dLN in fp32); the dpre variant's,
+        # which also writes LN(x) for its dW GEMM.
+        for name, dy_type, write_ln in (("layer_norm_bwd", bf16, False), ("ln_linear_ln_bwd", fp32, False),
+                                        ("ln_linear_ln_bwd_write_ln", fp32, True)):
             warps = _row_warps(block_c, 4 if dy_type == fp32 else 2)
-            types = {"X": bf16, "DY": dy_type, "LnW": bf16, "Mean": fp32, "Rstd": fp32, "DX": bf16,
-                     "DGammaPart": fp32, "DBetaPart": fp32}
-            cases.append(_case(name, _layer_norm_bwd_kernel, shape, types, {"BLOCK_C": block_c},
+            types = {"X": bf16, "DY": dy_type, "LnW": bf16, "LnB": bf16, "Mean": fp32, "Rstd": fp32, "DX": bf16,
+                     "LnOut": bf16, "DGammaPart": fp32, "DBetaPart": fp32}
+            cases.append(_case(name, _layer_norm_bwd_kernel, shape, types,
+                               {"HAS_LN_BIAS": True, "WRITE_LN": write_ln, "BLOCK_C": block_c},
                                num_warps=warps, num_stages=1, config=f"BC{block_c}-w{warps}"))
         cases.append(_case("ln_column_sum", _column_sum_kernel, shape, {"Part": fp32, "Out": bf16},
                            COLUMN_SUM_BLOCKS, num_warps=4, num_stages=1, config="BP32-BC128-w4"))
-        matmuls = (
-            ("ln_linear_fwd", _ln_linear_fwd_kernel, FWD_CONFIGS,
-             {"X": bf16, "Mean": fp32, "Rstd": fp32, "LnW": bf16, "LnB": bf16, "W": bf16, "Bias": bf16,
-              "Y": bf16, "Pre": bf16}, {"HAS_LN_BIAS": True, "HAS_BIAS": True, "GELU": True}),
-            ("ln_linear_dln", _dln_matmul_kernel, DLN_CONFIGS,
-             {"DY": bf16, "Pre": bf16, "W": bf16, "DLN": fp32}, {"GELU": True}),
-            ("ln_linear_dw", _dw_matmul_kernel, DW_CONFIGS,
-             {"DY": bf16, "Pre": bf16, "X": bf16, "Mean": fp32, "Rstd": fp32, "LnW": bf16, "LnB": bf16,
-              "DW": bf16, "DB": bf16}, {"GELU": True, "HAS_LN_BIAS": True, "HAS_BIAS": True}),
-        )
-        for name, fn, configs, types, flags in matmuls:
-            for cfg in configs:
-                constexprs = {**flags, "DOT_PRECISION": "tf32", **cfg.kwargs}
-                cases.append(_case(name, fn, shape, {**types, **bucket}, constexprs,
-                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                   config=config_label(cfg)))
+        cfg = dpre_config(sizes["F"])
+        blocks = {k: v for k, v in cfg.items() if k != "num_warps"}
+        for dtype in (bf16, fp32):
+            # A contiguous dY: Triton specializes its unit column stride to the constant 1.
+            types = {"DY": dtype, "Pre": dtype, "DPre": dtype, "DBPart": fp32, "stride_dy_n_value": sizes["F"],
+                     "rows_per_program_value": blocks["BLOCK_R"]}
+            cases.append(_case(f"ln_linear_dpre{'' if dtype == bf16 else '_fp32'}", _dpre_kernel, shape, types,
+                               {"stride_dy_f": 1, "WRITE_DB": True, **blocks}, num_warps=cfg["num_warps"],
+                               num_stages=1, config=f"BR{blocks['BLOCK_R']}-BF{blocks['BLOCK_F']}-w{cfg['num_warps']}"))
+        for name, fn, configs, autocast_configs, types, flags in _report_matmuls():
+            for suffix, dtypes, cfgs in (("", {}, configs), ("_fp32", {"*bf16": fp32}, FP32_CONFIGS),
+                                         ("_autocast", {"X": fp32, "LnW": fp32, "LnB": fp32}, autocast_configs)):
+                if suffix == "_autocast" and "X" not in types:
+                    continue  # dLN never reads x
+                typed = {arg: dtypes.get(arg, dtypes.get(t, t)) for arg, t in types.items()}
+                for c in cfgs:
+                    constexprs = {**flags, "DOT_PRECISION": "tf32", **c.kwargs}
+                    cases.append(_case(name + suffix, fn, shape, {**typed, **bucket}, constexprs,
+                                       num_warps=c.num_warps, num_stages=c.num_stages, config=config_label(c)))
     return cases
+
+
+def _report_matmuls():
+    """(name, kernel, bf16 configs, autocast configs, bf16 argument types, flags) of the
+    three matmuls."""
+    bf16, fp32 = "*bf16", "*fp32"
+    return (
+        ("ln_linear_fwd", _ln_linear_fwd_kernel, FWD_CONFIGS, FWD_AUTOCAST_CONFIGS,
+         {"X": bf16, "Mean": fp32, "Rstd": fp32, "LnW": bf16, "LnB": bf16, "W": bf16, "Bias": bf16,
+          "Y": bf16, "Pre": bf16}, {"HAS_LN_BIAS": True, "HAS_BIAS": True, "GELU": True}),
+        ("ln_linear_dln", _dln_matmul_kernel, DLN_CONFIGS, DLN_CONFIGS,
+         {"DY": bf16, "Pre": bf16, "W": bf16, "DLN": fp32}, {"GELU": True}),
+        ("ln_linear_dw", _dw_matmul_kernel, DW_CONFIGS, DW_CONFIGS,
+         {"DY": bf16, "Pre": bf16, "X": bf16, "Mean": fp32, "Rstd": fp32, "LnW": bf16, "LnB": bf16,
+          "DW": bf16, "DB": bf16}, {"GELU": True, "HAS_LN_BIAS": True, "HAS_BIAS": True}),
+    )

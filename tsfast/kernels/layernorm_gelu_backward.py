@@ -270,22 +270,29 @@ FP32_CONFIGS = [
 ]
 
 
-def autotuned(kernel, configs, *, operand: str):
-    """`kernel` autotuned over `configs` for 16-bit dot operands and FP32_CONFIGS for fp32
-    ones (the dtype of argument `operand`); one pinned config under the interpreter. The
-    tuning key holds every tensor's dtype (Triton adds them) and the dot precision, so an fp32
-    run under TF32 and one under "ieee" are tuned apart."""
+def autotuned(kernel, configs, *, operand: str, autocast_configs=None):
+    """`kernel` autotuned over `configs` for 16-bit dot operands, FP32_CONFIGS for fp32 ones
+    (the dtype of argument `operand`), and `autocast_configs` (default `configs`) when the
+    kernel's X is fp32 but the operands are not; one pinned config under the interpreter.
+    The tuning key holds every tensor's dtype (Triton adds them) and the dot precision, so
+    fp32 runs under TF32 and under "ieee" are tuned apart."""
     key = ["F", "C", "N_BUCKET", "DOT_PRECISION"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return triton.autotune(configs=[INTERPRETER_CONFIG], key=key)(kernel)
-    fp32_ids = {id(c) for c in FP32_CONFIGS}
+    lists = {"16-bit": configs, "fp32": FP32_CONFIGS, "autocast": autocast_configs or configs}
 
     def prune(candidates, named_args, **kwargs):
-        fp32 = named_args[operand].dtype == torch.float32
-        return [c for c in candidates if (id(c) in fp32_ids) == fp32]
+        if named_args[operand].dtype == torch.float32:
+            kind = "fp32"
+        elif "X" in named_args and named_args["X"].dtype == torch.float32:
+            kind = "autocast"
+        else:
+            kind = "16-bit"
+        keep = {id(c) for c in lists[kind]}
+        return [c for c in candidates if id(c) in keep]
 
-    return triton.autotune(configs=[*configs, *FP32_CONFIGS], key=key,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+    every = list({id(c): c for configs_ in lists.values() for c in configs_}.values())
+    return triton.autotune(configs=every, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _dln_matmul = autotuned(_dln_matmul_kernel, DLN_CONFIGS, operand="W")
@@ -391,7 +398,7 @@ def layernorm_linear_backward_prologue(dy, x, mean, rstd, ln_weight, ln_bias, we
     """(dx, dgamma, dbeta, dW, db) with dPre recomputed in both matmuls' prologues.
 
     dy, x, pre contiguous, N >= 1; arguments and results as
-    `tsfast.kernels.layernorm_gelu.layernorm_linear_backward`, which checks them.
+    `tsfast.kernels.layernorm_gelu.layernorm_linear_backward`, which prepares them.
     """
     dx = dgamma = dbeta = dw = db = None
     if input_grads:

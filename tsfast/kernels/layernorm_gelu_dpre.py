@@ -31,20 +31,23 @@ it must not lose to, on every GPU, with no autotuning; cuBLAS picks split-K / st
 the long-K dW (K = N, only 144 128x128 output tiles at gpt2, about one wave on 132 SMs), and
 TMA + wgmma kernels on H100; an fp32 GEMM follows PyTorch's TF32 setting by construction.
 
-Predicted backward time, bf16, unmeasured (no GPU): FLOPs at ~75% of the tensor-core peak
-(A100 234, H100 740 TFLOP/s), bytes at ~85% of HBM (A100-80GB 1.7, H100 SXM 2.8 TB/s), each
-kernel max(FLOP time, byte time), added up:
+Predicted backward time, bf16, unmeasured (no GPU was available): FLOPs at 75% of the
+tensor-core peak (A100 234, H100 740 TFLOP/s), bytes at 85% of HBM (A100-80GB 1.7, H100 SXM
+2.8 TB/s), GELU' as 20 FP32 ops + 2 special-function ops on the CUDA cores (A100 9.8, H100
+33.5 T instructions/s; BLOCK_N = 128); each kernel the max of its times, kernels added up.
+The prologue range: its recomputation fully hidden behind the tensor cores .. not at all.
 
-    shape (N, C, F)          GPU   dpre    prologue (perfect overlap .. none)
-    gpt2 (12288, 768, 3072)  A100  0.67 ms  1.2 .. 1.7 ms
-                             H100  0.27 ms  0.35 .. 0.55 ms
-    baby_gpu (32768,384,1536) A100 0.58 ms  0.9 .. 1.2 ms
-                             H100  0.28 ms  0.30 .. 0.45 ms
+    shape (N, C, F)            GPU   dpre     prologue        eager torch (same model)
+    gpt2 (12288, 768, 3072)    A100  0.68 ms  1.07 .. 1.56 ms  0.70 ms
+                               H100  0.27 ms  0.32 .. 0.48 ms  0.28 ms
+    baby_gpu (32768, 384, 1536) A100 0.58 ms  0.74 .. 1.07 ms  0.61 ms
+                               H100  0.26 ms  0.23 .. 0.34 ms  0.27 ms
 
-The prologue variant's recomputation runs on CUDA cores (A100: 19.5 TFLOP/s FP32, H100: 67)
-beside 312 / 989 TFLOP/s of tensor cores, so it loses most on A100. The arithmetic is in
-BENCHMARKS.md (predictions) and the issue notes; both variants are candidates of the
-measured selection.
+dpre's dPre pass is a third of its time at baby_gpu on H100 (bytes), where the prologue's
+recomputation is only C / 128 = 3-fold on fast CUDA cores: a toss-up there, which the
+measured selection settles; elsewhere dpre should win, by most on A100 (19.5 FP32 TFLOP/s
+beside 312 of tensor cores). dpre is eager PyTorch's own sequence, minus its separate db
+reduction (one read of dPre) and with LN(x) written in the backward rather than kept.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def layernorm_linear_backward_dpre(dy, x, mean, rstd, ln_weight, ln_bias, weight
 
     x (N, C) contiguous with N >= 1, mean and rstd (N,) fp32 from the forward, pre (N, F)
     contiguous or None (no activation), dy (N, F) any strides. Arguments and results as
-    `tsfast.kernels.layernorm_gelu.layernorm_linear_backward`, which checks them.
+    `tsfast.kernels.layernorm_gelu.layernorm_linear_backward`, which prepares them.
     """
     cd = weight.dtype  # the GEMMs' operand dtype (under autocast x may be fp32)
     want_db = weight_grads and bias is not None
