@@ -9,7 +9,8 @@ launch time (the user may change the setting after import), never cached.
 
 The interpreter (`TRITON_INTERPRET=1`, kernels on CPU tensors) always gets "ieee": TF32 is a
 GPU tensor-core format, torch's CPU matmuls (the reference the parity tests hold a kernel to)
-never use it, and torch's setting above speaks for CUDA only.
+never use it, torch's setting above speaks for CUDA only, and Triton 3.9's interpreter
+computes every dot with numpy in fp32 whatever the precision says, so "ieee" is what runs.
 
 16-bit operands ignore the precision (their products are exact in the fp32 accumulator);
 they get "tf32", Triton's default, which compiles to the same code.
