@@ -161,8 +161,8 @@ def test_variants_agree_and_unknown_variant_is_refused():
 
 
 def test_autotuner_picks_the_config_list_by_dtypes(monkeypatch):
-    """Outside the interpreter: fp32 dot operands get FP32_CONFIGS, fp32 x with 16-bit W (autocast)
-    FWD_AUTOCAST_CONFIGS, 16-bit both FWD_CONFIGS."""
+    """Outside the interpreter: fp32 dot operands get FP32_CONFIGS (TF32) or IEEE_CONFIGS, fp32 x
+    with 16-bit W (autocast) FWD_AUTOCAST_CONFIGS, 16-bit both FWD_CONFIGS."""
     from tsfast.kernels import layernorm_gelu as lng
     from tsfast.kernels import layernorm_gelu_backward as lngb
 
@@ -171,14 +171,16 @@ def test_autotuner_picks_the_config_list_by_dtypes(monkeypatch):
                            autocast_configs=lng.FWD_AUTOCAST_CONFIGS)
     assert "DOT_PRECISION" in tuner.keys
 
-    def pruned(x_dtype, w_dtype):
+    def pruned(x_dtype, w_dtype, precision="tf32"):
         args = {"X": torch.empty(1, dtype=x_dtype), "W": torch.empty(1, dtype=w_dtype)}
-        return sorted(lngb.config_label(c) for c in tuner.early_config_prune(tuner.configs, args))
+        chosen = tuner.early_config_prune(tuner.configs, args, DOT_PRECISION=precision)
+        return sorted(lngb.config_label(c) for c in chosen)
 
     def labels(configs):
         return sorted(lngb.config_label(c) for c in configs)
 
     assert pruned(FP32, FP32) == labels(lngb.FP32_CONFIGS)
+    assert pruned(FP32, FP32, "ieee") == labels(lngb.IEEE_CONFIGS)
     assert pruned(FP32, torch.bfloat16) == pruned(FP32, FP16) == labels(lng.FWD_AUTOCAST_CONFIGS)
     assert pruned(FP16, FP16) == pruned(torch.bfloat16, torch.bfloat16) == labels(lng.FWD_CONFIGS)
 
@@ -190,10 +192,11 @@ def test_report_lists_the_fp32_and_autocast_matmuls():
     for case in cases:
         assert list(case["signature"]) == case["fn"].arg_names, case["name"]
     for name in ("ln_linear_fwd", "ln_linear_dln", "ln_linear_dw"):
-        fp32 = [c for c in cases if c["name"] == name + "_fp32" and c["shape"] == "gpt2"]
-        assert len(fp32) == len(lng.FP32_CONFIGS)
-        assert all(c["constexprs"]["DOT_PRECISION"] == "tf32" for c in fp32)
-        assert all(t in ("*fp32", "i32", "fp32", "constexpr") for c in fp32 for t in c["signature"].values())
+        for suffix, configs, precision in (("_fp32", lng.FP32_CONFIGS, "tf32"), ("_fp32_ieee", lng.IEEE_CONFIGS, "ieee")):
+            fp32 = [c for c in cases if c["name"] == name + suffix and c["shape"] == "gpt2"]
+            assert len(fp32) == len(configs)
+            assert all(c["constexprs"]["DOT_PRECISION"] == precision for c in fp32)
+            assert all(t in ("*fp32", "i32", "fp32", "constexpr") for c in fp32 for t in c["signature"].values())
     autocast = [c for c in cases if c["name"] == "ln_linear_fwd_autocast"]
     assert autocast and all(c["signature"]["X"] == "*fp32" and c["signature"]["W"] == "*bf16" for c in autocast)
     assert {c["name"] for c in cases} >= {"ln_linear_dpre", "ln_linear_dpre_fp32", "ln_linear_ln_bwd_write_ln"}

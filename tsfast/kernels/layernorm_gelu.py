@@ -58,6 +58,7 @@ from tsfast.kernels.layernorm_gelu_backward import (
     DLN_CONFIGS,
     DW_CONFIGS,
     FP32_CONFIGS,
+    IEEE_CONFIGS,
     _column_sum_kernel,
     _dln_matmul_kernel,
     _dw_matmul_kernel,
@@ -389,8 +390,8 @@ def _case(name, fn, shape, types, constexprs, *, num_warps, num_stages, config):
 def report_cases() -> list[dict]:
     """Every kernel and autotune config of this family at the gpt2 and baby_gpu shapes (the
     matmuls in their heaviest variant: GELU, both biases): in bf16; the matmuls also with
-    fp32 operands (TF32 dots, FP32_CONFIGS) and under autocast (fp32 x, gamma, beta with
-    bf16 W: the forward's FWD_AUTOCAST_CONFIGS, the bf16 configs of dW)."""
+    fp32 operands (TF32 dots: FP32_CONFIGS; "ieee" dots: IEEE_CONFIGS) and under autocast
+    (fp32 x, gamma, beta with bf16 W: the forward's FWD_AUTOCAST_CONFIGS, dW's bf16 ones)."""
     bf16, fp32 = "*bf16", "*fp32"
     cases = []
     for shape, sizes in REPORT_SHAPES.items():
@@ -424,13 +425,16 @@ def report_cases() -> list[dict]:
                                {"stride_dy_f": 1, "WRITE_DB": True, **blocks}, num_warps=cfg["num_warps"],
                                num_stages=1, config=f"BR{blocks['BLOCK_R']}-BF{blocks['BLOCK_F']}-w{cfg['num_warps']}"))
         for name, fn, configs, autocast_configs, types, flags in _report_matmuls():
-            for suffix, dtypes, cfgs in (("", {}, configs), ("_fp32", {"*bf16": fp32}, FP32_CONFIGS),
-                                         ("_autocast", {"X": fp32, "LnW": fp32, "LnB": fp32}, autocast_configs)):
+            for suffix, dtypes, cfgs, precision in (
+                ("", {}, configs, "tf32"), ("_fp32", {"*bf16": fp32}, FP32_CONFIGS, "tf32"),
+                ("_fp32_ieee", {"*bf16": fp32}, IEEE_CONFIGS, "ieee"),
+                ("_autocast", {"X": fp32, "LnW": fp32, "LnB": fp32}, autocast_configs, "tf32"),
+            ):
                 if suffix == "_autocast" and "X" not in types:
                     continue  # dLN never reads x
                 typed = {arg: dtypes.get(arg, dtypes.get(t, t)) for arg, t in types.items()}
                 for c in cfgs:
-                    constexprs = {**flags, "DOT_PRECISION": "tf32", **c.kwargs}
+                    constexprs = {**flags, "DOT_PRECISION": precision, **c.kwargs}
                     cases.append(_case(name + suffix, fn, shape, {**typed, **bucket}, constexprs,
                                        num_warps=c.num_warps, num_stages=c.num_stages, config=config_label(c)))
     return cases

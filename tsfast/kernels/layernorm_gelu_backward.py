@@ -268,22 +268,30 @@ FP32_CONFIGS = [
     matmul_config(64, 128, 32, 8, 3),
     matmul_config(64, 64, 32, 4, 3),
 ]
+# fp32 with "ieee" dots (PyTorch's default: TF32 off) runs on FMA units, whose operand
+# layouts need more registers: of FP32_CONFIGS, dW's 128x64 and 64x128 spilled 64-88 bytes
+# on sm_80 and dLN's 64x64 8 bytes on sm_90. These three are clean for all three matmuls.
+IEEE_CONFIGS = [
+    matmul_config(128, 128, 32, 8, 3),
+    matmul_config(128, 64, 16, 8, 3),
+    matmul_config(64, 64, 16, 4, 3),
+]
 
 
 def autotuned(kernel, configs, *, operand: str, autocast_configs=None):
-    """`kernel` autotuned over `configs` for 16-bit dot operands, FP32_CONFIGS for fp32 ones
-    (the dtype of argument `operand`), and `autocast_configs` (default `configs`) when the
-    kernel's X is fp32 but the operands are not; one pinned config under the interpreter.
-    The tuning key holds every tensor's dtype (Triton adds them) and the dot precision, so
-    fp32 runs under TF32 and under "ieee" are tuned apart."""
+    """`kernel` autotuned over `configs` for 16-bit dot operands, FP32_CONFIGS / IEEE_CONFIGS
+    for fp32 ones (the dtype of argument `operand`) with TF32 / "ieee" dots, and
+    `autocast_configs` (default `configs`) when the kernel's X is fp32 but the operands are
+    not; one pinned config under the interpreter. The tuning key holds every tensor's dtype
+    (Triton adds them) and the dot precision, so each of these cases is tuned apart."""
     key = ["F", "C", "N_BUCKET", "DOT_PRECISION"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         return triton.autotune(configs=[INTERPRETER_CONFIG], key=key)(kernel)
-    lists = {"16-bit": configs, "fp32": FP32_CONFIGS, "autocast": autocast_configs or configs}
+    lists = {"16-bit": configs, "tf32": FP32_CONFIGS, "ieee": IEEE_CONFIGS, "autocast": autocast_configs or configs}
 
     def prune(candidates, named_args, **kwargs):
         if named_args[operand].dtype == torch.float32:
-            kind = "fp32"
+            kind = "tf32" if kwargs["DOT_PRECISION"] == "tf32" else "ieee"
         elif "X" in named_args and named_args["X"].dtype == torch.float32:
             kind = "autocast"
         else:
