@@ -70,12 +70,16 @@ from tsfast.kernels.layernorm_gelu_backward import (
     dln_matmul,
     dw_matmul,
     layer_norm_backward,
+    layernorm_linear_backward_prologue,
     matmul_config,
     n_bucket,
+    row_warps,
 )
-from tsfast.kernels.layernorm_gelu_backward import layernorm_linear_backward_prologue
-from tsfast.kernels.layernorm_gelu_backward import row_warps as _row_warps
-from tsfast.kernels.layernorm_gelu_dpre import _dpre_kernel, dpre_config, layernorm_linear_backward_dpre
+from tsfast.kernels.layernorm_gelu_dpre import (
+    _dpre_kernel,
+    dpre_config,
+    layernorm_linear_backward_dpre,
+)
 from tsfast.kernels.precision import dot_precision
 
 __all__ = [
@@ -194,7 +198,7 @@ def _row_stats(x2, ln_weight, ln_bias, eps, *, write_y: bool):
         x2, ln_weight, ln_weight if ln_bias is None else ln_bias, x2 if y is None else y,
         mean, rstd, C, eps,
         HAS_BIAS=ln_bias is not None, WRITE_Y=write_y, BLOCK_C=block_c,
-        num_warps=_row_warps(block_c, x2.element_size()),
+        num_warps=row_warps(block_c, x2.element_size()),
     )
     return y, mean, rstd
 
@@ -399,7 +403,7 @@ def report_cases() -> list[dict]:
         block_c = triton.next_power_of_2(sizes["C"])
         ln_types = {"X": bf16, "LnW": bf16, "LnB": bf16, "Y": bf16, "Mean": fp32, "Rstd": fp32, "eps": "fp32"}
         for name, write_y in (("layer_norm_fwd", True), ("ln_row_stats", False)):
-            warps = _row_warps(block_c, 2)
+            warps = row_warps(block_c, 2)
             cases.append(_case(name, _layer_norm_fwd_kernel, shape, ln_types,
                                {"HAS_BIAS": True, "WRITE_Y": write_y, "BLOCK_C": block_c},
                                num_warps=warps, num_stages=1, config=f"BC{block_c}-w{warps}"))
@@ -407,7 +411,7 @@ def report_cases() -> list[dict]:
         # which also writes LN(x) for its dW GEMM.
         for name, dy_type, write_ln in (("layer_norm_bwd", bf16, False), ("ln_linear_ln_bwd", fp32, False),
                                         ("ln_linear_ln_bwd_write_ln", fp32, True)):
-            warps = _row_warps(block_c, 4 if dy_type == fp32 else 2)
+            warps = row_warps(block_c, 4 if dy_type == fp32 else 2)
             types = {"X": bf16, "DY": dy_type, "LnW": bf16, "LnB": bf16, "Mean": fp32, "Rstd": fp32, "DX": bf16,
                      "LnOut": bf16, "DGammaPart": fp32, "DBetaPart": fp32}
             cases.append(_case(name, _layer_norm_bwd_kernel, shape, types,
