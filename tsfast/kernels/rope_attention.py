@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tsfast.kernels.precision import dot_precision
 from tsfast.kernels.rope_attention_backward import (
     _bwd_delta_kernel,
     _bwd_dkdv_kernel,
@@ -245,7 +246,7 @@ def _common(q, cos, scale):
     B, H, T, D = q.shape
     scale = D**-0.5 if scale is None else float(scale)
     rope = cos is not None
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # 16-bit dots ignore it
+    precision = dot_precision(q.dtype, q.device)  # fp32: TF32 when torch allows it, read per launch
     return B, H, T, D, scale, rope, precision
 
 

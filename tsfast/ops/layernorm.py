@@ -26,6 +26,8 @@ memory-bound and counted in bytes moved, each tensor read or written once.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -102,62 +104,55 @@ def _kernels():
 
 @torch.library.custom_op("tsfast::layernorm_linear_fwd", mutates_args=())
 def _ln_linear_fwd(x2: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None,
-                   weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, F_ = x2.shape[0], weight.shape[0]
-    if N == 0:
-        stats = x2.new_empty(0, dtype=torch.float32)
-        return x2.new_empty(0, F_, dtype=weight.dtype), stats, stats.clone(), x2.new_empty(0)
-    y, mean, rstd, pre = _kernels().layernorm_linear_forward(x2, ln_weight, ln_bias, weight, bias, gelu=gelu, eps=eps)
+                   weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, eps: float,
+                   variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd, pre = _kernels().layernorm_linear_forward(
+        x2, ln_weight, ln_bias, weight, bias, activation="gelu_tanh" if gelu else None, eps=eps)
     return y, mean, rstd, _or_empty(pre, y)
 
 
 @_ln_linear_fwd.register_fake
-def _(x2, ln_weight, ln_bias, weight, bias, gelu, eps):
+def _(x2, ln_weight, ln_bias, weight, bias, gelu, eps, variant):
     N, F_ = x2.shape[0], weight.shape[0]
     y = x2.new_empty(N, F_, dtype=weight.dtype)
     stats = x2.new_empty(N, dtype=torch.float32)
-    return y, stats, stats.clone(), (y.new_empty(N, F_) if gelu and N else y.new_empty(0))
+    return y, stats, stats.clone(), (y.new_empty(N, F_) if gelu else y.new_empty(0))
 
 
 @torch.library.custom_op("tsfast::layernorm_linear_bwd", mutates_args=())
 def _ln_linear_bwd(dy2: torch.Tensor, x2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                    ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, weight: torch.Tensor,
-                   bias: torch.Tensor | None, pre: torch.Tensor, input_grads: bool,
-                   weight_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x2.shape[0] == 0:
-        zeros = [torch.zeros_like(t) if t is not None else x2.new_empty(0) for t in (x2, ln_weight, ln_bias, weight, bias)]
-        return tuple(zeros)
+                   bias: torch.Tensor | None, pre: torch.Tensor, input_grads: bool, weight_grads: bool,
+                   variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _kernels().layernorm_linear_backward(
-        dy2, x2, mean, rstd, ln_weight, ln_bias, weight, _or_none(pre),
-        with_bias=bias is not None, input_grads=input_grads, weight_grads=weight_grads)
+        dy2, x2, mean, rstd, ln_weight, ln_bias, weight, _or_none(pre), bias=bias,
+        input_grads=input_grads, weight_grads=weight_grads, variant=variant)
     return tuple(_or_empty(g, x2) for g in grads)
 
 
 @_ln_linear_bwd.register_fake
-def _(dy2, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads):
+def _(dy2, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads, variant):
     def like(t, wanted):
         return t.new_empty(t.shape) if wanted and t is not None else x2.new_empty(0)
 
-    empty_rows = x2.shape[0] == 0
-    return (like(x2, input_grads or empty_rows), like(ln_weight, input_grads or empty_rows),
-            like(ln_bias, input_grads or empty_rows), like(weight, weight_grads or empty_rows),
-            like(bias, weight_grads or empty_rows))
+    return (like(x2, input_grads), like(ln_weight, input_grads), like(ln_bias, input_grads),
+            like(weight, weight_grads), like(bias, weight_grads))
 
 
 def _ln_linear_setup(ctx, inputs, output):
-    x2, ln_weight, ln_bias, weight, bias, gelu, eps = inputs
+    x2, ln_weight, ln_bias, weight, bias, gelu, eps, variant = inputs
     _, mean, rstd, pre = output
     ctx.save_for_backward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre)
+    ctx.variant = variant
 
 
 def _ln_linear_backward(ctx, dy, _dmean, _drstd, _dpre):
     x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre = ctx.saved_tensors
     need = ctx.needs_input_grad
     input_grads, weight_grads = any(need[:3]), any(need[3:5])
-    dy2 = dy.contiguous()  # a stride-0 upstream gradient becomes real
-    grads = _ln_linear_bwd(dy2, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads)
-    return (*(_or_none(g, n) for g, n in zip(grads, need[:5], strict=True)), None, None)
+    grads = _ln_linear_bwd(dy, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads,
+                           ctx.variant)
+    return (*(_or_none(g, n) for g, n in zip(grads, need[:5], strict=True)), None, None, None)
 
 
 _ln_linear_fwd.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup)
@@ -183,7 +178,7 @@ def _layer_norm_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, b
                     mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x2.shape[0] == 0:
         return torch.zeros_like(x2), torch.zeros_like(weight), _or_empty(None if bias is None else torch.zeros_like(bias), x2)
-    dx, dgamma, dbeta = _kernels().layer_norm_backward(dy2, x2, weight, bias, mean, rstd)
+    dx, dgamma, dbeta, _ = _kernels().layer_norm_backward(x2, dy2, weight, bias, mean, rstd, need_dbeta=bias is not None)
     return dx, dgamma, _or_empty(dbeta, x2)
 
 
@@ -215,14 +210,14 @@ def _to(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, activation, eps):
+def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, activation, eps, *, backward="dpre"):
     dtype = _backend.autocast_dtype(x.device.type)
     if dtype is not None:  # autocast: LayerNorm in fp32, the matmul in the autocast dtype
         x, ln_weight, ln_bias = x.float(), ln_weight.float(), _to(ln_bias, torch.float32)
         weight, bias = weight.to(dtype), _to(bias, dtype)
     C = x.shape[-1]
     y = _ln_linear_fwd(x.reshape(-1, C).contiguous(), ln_weight.contiguous(), _contiguous(ln_bias),
-                       weight.contiguous(), _contiguous(bias), activation == "gelu_tanh", float(eps))[0]
+                       weight.contiguous(), _contiguous(bias), activation == "gelu_tanh", float(eps), backward)[0]
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -266,7 +261,10 @@ def _norm_bench_inputs(call, device):
 LAYERNORM_LINEAR = Family(
     "layernorm_linear",
     (
+        # backward: dPre = dy * GELU'(pre) written once, then two cuBLAS GEMMs
         Candidate("triton", "triton", _layernorm_linear_triton),
+        # backward: GELU' recomputed in the prologue of both gradient matmuls (nothing stored)
+        Candidate("triton_prologue", "triton", partial(_layernorm_linear_triton, backward="prologue")),
         Candidate("torch", "torch", _layernorm_linear_torch),  # F.layer_norm, cuBLAS F.linear, F.gelu
     ),
     fields=("N", "C", "F", "act", "ln_bias", "bias", "dtype", "grad"),
