@@ -49,6 +49,7 @@ The document-masked variants ("_doc" rows) use DOC_MASK_CONFIGS, also 0 spill by
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -200,8 +201,27 @@ DOC_MASK_CONFIGS = {
 }
 
 
-def configs_for(kernel, head_dim, doc_mask=False):
-    """The (BLOCK_M, BLOCK_N, warps, stages) tuples the autotuner may try at this head dim."""
+# fp32 inputs: fp32 tiles take twice the registers and shared memory, and "ieee" dots (torch's
+# default for fp32, no TF32) more still. Keyed by (DOT_PRECISION, DOC_MASK). Survivors of the
+# static report (report_cases(dtype="fp32"), D=64): the 16-bit lists spilled here (TF32: fwd
+# 128x64 w4 48-208 B, every dk/dv config 112-3248 B, dq 288-360 B on sm_80; the document mask
+# adds fwd 64x64 w4 and dq 64x16 w4; ieee: every fwd tile above 64x32 spilled 848-7888 B).
+FP32_CONFIGS = {
+    ("tf32", False): {"fwd": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
+                      "dkdv": [(16, 16, 4, 3)], "dq": [(64, 16, 4, 3), (64, 16, 8, 3)]},
+    ("tf32", True): {"fwd": [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
+                     "dkdv": [(16, 16, 4, 3)], "dq": [(64, 16, 8, 3)]},
+    ("ieee", False): {"fwd": [(64, 32, 4, 3)], "dkdv": [(16, 16, 4, 3)], "dq": [(64, 16, 4, 3), (64, 16, 8, 3)]},
+    ("ieee", True): {"fwd": [(32, 32, 4, 3)], "dkdv": [(16, 16, 4, 3)], "dq": [(64, 16, 8, 3)]},
+}
+
+
+def configs_for(kernel, head_dim, doc_mask=False, fp32_precision=None):
+    """The (BLOCK_M, BLOCK_N, warps, stages) tuples the autotuner may try at this head dim;
+    fp32_precision ("tf32" or "ieee") for fp32 inputs, None for 16-bit ones. The fp32 lists
+    hold the smallest tiles, checked at D=64; D=128 in fp32 uses them too (unchecked)."""
+    if fp32_precision is not None:
+        return FP32_CONFIGS[(fp32_precision, doc_mask)][kernel]
     return (DOC_MASK_CONFIGS if doc_mask else CONFIGS)[kernel][64 if head_dim <= 64 else 128]
 
 
@@ -209,7 +229,9 @@ def _prune_for(kernel):
     def prune(configs, named_args, **kwargs):
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
         doc_mask = kwargs.get("DOC_MASK", named_args.get("DOC_MASK", False))
-        allowed = set(configs_for(kernel, head_dim, doc_mask))
+        fp32 = named_args["Q"].dtype == torch.float32  # the autotuner keys on argument dtypes too
+        precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) if fp32 else None
+        allowed = set(configs_for(kernel, head_dim, doc_mask, precision))
         fit = [c for c in configs if _key(c) in allowed]
         # Blocks much longer than the sequence only add masked work; keep at least one config.
         longest = max(32, triton.next_power_of_2(named_args["T"]))
@@ -226,8 +248,10 @@ def _tuned(kernel, name):
     if _INTERPRET:
         tuples = [_PINNED[name]]
     else:
-        tuples = sorted({c for table in (CONFIGS, DOC_MASK_CONFIGS) for c in sum(table[name].values(), [])})
-    return triton.autotune(configs=[_cfg(*c) for c in tuples], key=["T", "HEAD_DIM", "CAUSAL", "ROPE", "DOC_MASK"],
+        lists = [*CONFIGS[name].values(), *DOC_MASK_CONFIGS[name].values(), *(t[name] for t in FP32_CONFIGS.values())]
+        tuples = sorted({c for configs in lists for c in configs})
+    return triton.autotune(configs=[_cfg(*c) for c in tuples],
+                           key=["T", "HEAD_DIM", "CAUSAL", "ROPE", "DOC_MASK", "DOT_PRECISION"],
                            prune_configs_by={"early_config_prune": _prune_for(name)})(kernel)
 
 
@@ -334,39 +358,40 @@ def backward(do, q, k, v, cos, sin, o, lse, causal: bool, scale: float, *, doc_i
 REPORT_SHAPES = {"gpt2": (12, 12, 1024, 64), "baby_gpu": (64, 6, 512, 64)}  # (B, H, T, D)
 
 
-def report_cases(dtype="bf16", rope=True, causal=True):
+def report_cases(dtype=None, rope=True, causal=True):
     """One compilation per autotune config per kernel at the preset shapes, without and with
-    the document mask ("_doc" names; see module doc).
+    the document mask ("_doc" names; see module doc), in bf16 and in fp32 (TF32 and "ieee"
+    dots, "_fp32" and "_fp32_ieee" names) unless `dtype` picks one.
 
     "attrs" marks the pointer and stride arguments that the runtime would specialize as
     16-divisible at these shapes (q, k, v as views of a fused (B, T, 3, H, D) projection)."""
     kernels = [("fwd", _fwd_kernel, ["OUT"]), ("dkdv", _bwd_dkdv_kernel, ["DK", "DV"]),
                ("dq", _bwd_dq_kernel, ["DQ"])]
+    variants = [("bf16", "tf32", ""), ("fp32", "tf32", "_fp32"), ("fp32", "ieee", "_fp32_ieee")]
     cases = []
-    for shape, (_, _, T, D) in REPORT_SHAPES.items():
-        for doc_mask in (False, True):
-            for kernel, fn, outputs in kernels:
-                for block_m, block_n, warps, stages in configs_for(kernel, D, doc_mask):
-                    sig, divisible = {}, []
-                    for i, arg in enumerate(fn.arg_names):
-                        if arg in ("Q", "K", "V", "DO", *outputs):
-                            sig[arg] = f"*{dtype}"
-                        elif arg in ("COS", "SIN", "LSE", "DELTA"):
-                            sig[arg] = "*fp32"
-                        elif arg in ("START", "END"):
-                            sig[arg] = "*i32"
-                        elif arg in ("qk_scale", "scale"):
-                            sig[arg] = "fp32"
-                        elif arg.isupper() and arg not in ("H", "T"):
-                            sig[arg] = "constexpr"
-                        else:
-                            sig[arg] = "i32"
-                        if sig[arg].startswith("*") or arg.startswith("stride_") or arg == "T" and T % 16 == 0:
-                            divisible.append((i,))
-                    constexprs = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOC_MASK=doc_mask,
-                                      DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n)
-                    cases.append({"name": f"rope_attention_{kernel}{'_doc' if doc_mask else ''}", "fn": fn,
-                                  "signature": sig, "constexprs": constexprs, "num_warps": warps,
-                                  "num_stages": stages, "config": f"BM{block_m}-BN{block_n}-w{warps}-s{stages}",
-                                  "shape": shape, "attrs": {k: [["tt.divisibility", 16]] for k in divisible}})
+    for (elem, precision, suffix), (shape, (_, _, T, D)), doc_mask, (kernel, fn, outputs) in itertools.product(
+            [v for v in variants if dtype in (None, v[0])], REPORT_SHAPES.items(), (False, True), kernels):
+        for block_m, block_n, warps, stages in configs_for(kernel, D, doc_mask, precision if elem == "fp32" else None):
+            sig, divisible = {}, []
+            for i, arg in enumerate(fn.arg_names):
+                if arg in ("Q", "K", "V", "DO", *outputs):
+                    sig[arg] = f"*{elem}"
+                elif arg in ("COS", "SIN", "LSE", "DELTA"):
+                    sig[arg] = "*fp32"
+                elif arg in ("START", "END"):
+                    sig[arg] = "*i32"
+                elif arg in ("qk_scale", "scale"):
+                    sig[arg] = "fp32"
+                elif arg.isupper() and arg not in ("H", "T"):
+                    sig[arg] = "constexpr"
+                else:
+                    sig[arg] = "i32"
+                if sig[arg].startswith("*") or arg.startswith("stride_") or arg == "T" and T % 16 == 0:
+                    divisible.append((i,))
+            constexprs = dict(HEAD_DIM=D, CAUSAL=causal, ROPE=rope, DOC_MASK=doc_mask,
+                              DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n)
+            cases.append({"name": f"rope_attention_{kernel}{'_doc' if doc_mask else ''}{suffix}", "fn": fn,
+                          "signature": sig, "constexprs": constexprs, "num_warps": warps,
+                          "num_stages": stages, "config": f"BM{block_m}-BN{block_n}-w{warps}-s{stages}",
+                          "shape": shape, "attrs": {k: [["tt.divisibility", 16]] for k in divisible}})
     return cases
