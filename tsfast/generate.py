@@ -130,6 +130,24 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
+def _check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt's model ids as a list, or ValueError if it is empty or out of range."""
+    if len(prompt) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    tokens = [int(t) for t in prompt]
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt ids must lie in [0, {vocab_size}); got {bad[:5]}")
+    return tokens
+
+
+def _model_eos(eos_id: int | None, vocab) -> int | None:
+    """The model id of the end-of-text token `eos_id` (a GPT-2 id), None to never stop."""
+    if vocab is None or eos_id is None:
+        return eos_id
+    return vocab.eot_id if eos_id == EOT else int(vocab.to_compact([eos_id])[0])
+
+
 class Decoder:
     """The next-token logits of one growing sequence of model ids, with or without a cache.
 
@@ -139,18 +157,12 @@ class Decoder:
 
     @torch.inference_mode()
     def __init__(self, model: GPT, prompt: Sequence[int], *, use_cache: bool = True):
-        if len(prompt) == 0:
-            raise ValueError("the prompt is empty: give at least one token")
         self.model = model
         self.block_size = model.config.block_size
         self.keep = window_keep(self.block_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.tokens = [int(t) for t in prompt]
-        vocab_size = model.config.vocab_size
-        bad = [t for t in self.tokens if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt ids must lie in [0, {vocab_size}); got {bad[:5]}")
+        self.tokens = _check_prompt(prompt, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, device=self.device, dtype=self.dtype) if use_cache else None
         self.start = 0
         if len(self.tokens) > self.block_size:
@@ -209,9 +221,7 @@ def iter_tokens(
     """Yield new GPT-2 ids one at a time (see `generate`). `decoder_out`, if a list, gets
     the `Decoder` appended (to read `truncated` after the first token)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    eos = eos_id
-    if vocab is not None and eos_id is not None:
-        eos = vocab.eot_id if eos_id == EOT else int(vocab.to_compact([eos_id])[0])
+    eos = _model_eos(eos_id, vocab)
     decoder = Decoder(model, _to_model_ids(prompt_ids, vocab), use_cache=use_cache)
     if decoder_out is not None:
         decoder_out.append(decoder)
