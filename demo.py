@@ -1,3 +1,12 @@
+# `uv run demo.py` reads this block (PEP 723) and sets up an environment with Gradio for it;
+# to `python demo.py` and the tests it is a comment.
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["tinystories-fast[demo,hf]"]
+#
+# [tool.uv.sources]
+# tinystories-fast = { path = ".", editable = true }
+# ///
 """Gradio demo: type the start of a story and watch a trained model continue it.
 
     uv run demo.py [--ckpt out/ckpt.pt] [--device auto] [--max-batch 8] [--host 127.0.0.1] [--port 7870] [--share]
@@ -121,12 +130,13 @@ class StoryTeller:
     def load(self):
         """The LoadedModel, or None with `self.error` set to why not."""
         from tsfast.batching import BatchServer
-        from tsfast.train.checkpoint import CheckpointError, load_for_inference
+        from tsfast.hf.load import load_model
+        from tsfast.train.checkpoint import CheckpointError
 
         with self._lock:
             if self.loaded is None:
                 try:
-                    loaded = load_for_inference(self.ckpt, device=self.device)
+                    loaded = load_model(self.ckpt, device=self.device)
                     self.server = BatchServer(loaded.model, max_batch=self.max_batch, vocab=loaded.vocab)
                     self.loaded, self.error = loaded, None
                 except (CheckpointError, ValueError, OSError) as e:
@@ -291,7 +301,8 @@ def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto", max_batch:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Gradio demo of a tsfast checkpoint.")
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default: %(default)s)")
+    p.add_argument("--ckpt", default="out/ckpt.pt",
+                   help="a checkpoint, an exported directory or a Hub repo id (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, mps or cpu (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="stories generated together at most; more users wait in the queue (default: %(default)s)")

@@ -1,7 +1,19 @@
+# `uv run sample.py` reads this block (PEP 723) and sets up an environment with only what
+# sampling needs; add an extra with `--with`, e.g. `uv run --with 'tinystories-fast[hf]' sample.py`.
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["tinystories-fast"]
+#
+# [tool.uv.sources]
+# tinystories-fast = { path = ".", editable = true }
+# ///
 """Sample stories from a trained checkpoint, printing tokens as they arrive.
 
     uv run sample.py --prompt "Once upon a time" --num-samples 3 --max-new-tokens 200 \\
         --temperature 0.8 --top-k 200 --seed 1 [--ckpt out/ckpt.pt] [--device auto]
+
+--ckpt also takes a Hugging Face directory (`python -m tsfast.export` writes one), GPT-2
+(gpt2, gpt2-medium, ...) or a Hub repo id OWNER/NAME (`tsfast.hf.load`; needs the hf extra).
 
 Sample i uses seed + i, so a run with the same flags prints the same stories, whatever
 `--batch-size`. The samples are decoded together, up to `--batch-size` at a time (a finished
@@ -37,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=200, help="keep the k likeliest tokens, 0 = off (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i (default: %(default)s)")
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default: %(default)s)")
+    p.add_argument("--ckpt", default="out/ckpt.pt",
+                   help="a checkpoint, an exported directory or a Hub repo id (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, mps or cpu (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole context for every token (slow; for comparison)")
     return p.parse_args(argv)
@@ -151,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from tsfast.data.tokenizer import encode
-    from tsfast.train.checkpoint import CheckpointError, load_for_inference
+    from tsfast.hf.load import load_model
+    from tsfast.train.checkpoint import CheckpointError
 
     try:
-        loaded = load_for_inference(args.ckpt, device=args.device)
+        loaded = load_model(args.ckpt, device=args.device)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CHECKPOINT

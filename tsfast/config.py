@@ -115,6 +115,7 @@ class TrainConfig:
     kernels: str = "auto"  # auto, triton, torch
     seed: int = 1337
     data: str = "auto"  # a prepared data dir, or auto (data/tinystories if prepared, else synthetic)
+    init_from: str = ""  # start from a Hugging Face model: gpt2[-medium|-large|-xl], OWNER/NAME or a directory
     out_dir: str = "out"
     wandb: bool = False
     wandb_project: str = "tsfast"

@@ -156,3 +156,15 @@ def run(op: str, backend: str, impl, args: tuple, cost) -> torch.Tensor:
         return impl(*args)
     spent: OpCost = cost()
     return meter.time_call(op, backend, spent, impl, args, {})
+
+
+# Custom ops cannot return None: an absent tensor (no gradient asked for, no bias) travels as
+# an empty one and turns back into None on the Python side.
+
+
+def none_as_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def empty_as_none(t: torch.Tensor, wanted: bool = True) -> torch.Tensor | None:
+    return t if wanted and t.numel() else None

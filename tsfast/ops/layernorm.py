@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
+from tsfast.ops._backend import empty_as_none as _or_none
+from tsfast.ops._backend import none_as_empty as _or_empty
 from tsfast.ops._checks import check_float, check_same, check_vector, float64_declined
 
 ACTIVATIONS = (None, "gelu_tanh")
@@ -95,12 +97,6 @@ def _kernels():
     return layernorm_gelu
 
 
-def _or_empty(t, like):
-    return like.new_empty(0) if t is None else t
-
-
-def _or_none(t, wanted: bool = True):
-    return t if wanted and t.numel() else None
 
 
 @torch.library.custom_op("tsfast::layernorm_linear_fwd", mutates_args=())

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
+from tsfast.ops._backend import empty_as_none as _or_none
+from tsfast.ops._backend import none_as_empty as _or_empty
 from tsfast.ops._checks import (
     check_float,
     check_reduction,
@@ -92,12 +94,6 @@ def _kernels():
     return cross_entropy
 
 
-def _or_empty(t, like):
-    return like.new_empty(0) if t is None else t
-
-
-def _or_none(t):
-    return t if t.numel() else None
 
 
 @torch.library.custom_op("tsfast::cross_entropy_fwd", mutates_args=())

@@ -4,6 +4,8 @@
                         machine, else tiny
     --set KEY=VALUE     any config field (repeatable); also --KEY VALUE for every field
     --resume [PATH]     continue from PATH (default: <out_dir>/resume.pt)
+    --init_from MODEL   start from a Hugging Face GPT-2 (gpt2, gpt2-medium, ..., OWNER/NAME or a
+                        directory): its shape, the preset's training settings (tsfast.hf.load)
 
 Exit codes: 0 done; 1 the loss became non-finite; 2 bad input (one message, nothing written);
 128 + N stopped by signal N after writing resume.pt (130 SIGINT, 143 SIGTERM).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -119,9 +122,23 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
         why = "a CUDA GPU is available" if on_cuda else "no CUDA GPU here (it trains in a few minutes on a CPU)"
         cfg = apply_overrides(preset(name), overrides)
         notes.append(f"config: {name}, because {why}; choose with --config {{{','.join(PRESETS)}}}")
+    if cfg.init_from:
+        from tsfast.hf.load import plan_init
+
+        cfg, init_notes = plan_init(cfg, explicit=set(overrides))
+        notes += init_notes
     if "compile" not in overrides and cfg.name in GPU_PRESETS and cfg.compile:
         notes.append("torch.compile: on (GPU preset; --no-compile turns it off)")
     return cfg, resume, notes
+
+
+def check_optional_packages(cfg: TrainConfig) -> None:
+    """A flag that needs a package a plain install leaves out: say how to get it, up front."""
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "--wandb needs the wandb package, which a plain install leaves out: run "
+            "`uv run python train.py --wandb ...` (pip: pip install 'tinystories-fast[wandb]')"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError = ConfigError
     try:
         cfg, resume, notes = parse(argv)
+        check_optional_packages(cfg)
         if is_main:
             for line in notes:
                 print(line, flush=True)

@@ -130,6 +130,10 @@ class Trainer:
 
         runtime.seed_everything(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(cfg.model_config(self.corpus.vocab_size)).to(self.device)
+        if cfg.init_from and resume is None:
+            from tsfast.hf.load import init_weights
+
+            init_weights(self.model, cfg.init_from)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
@@ -182,6 +186,7 @@ class Trainer:
             "model_config": dataclasses.asdict(self.model.config),
             "train_config": dataclasses.asdict(self.cfg),
             "vocab": self.corpus.vocab.state_dict() if self.corpus.vocab is not None else None,
+            "data_dir": str(self.corpus.data_dir),
             "step": self.step,
             "best_val_loss": self.best_val_loss,
             "val_loss": self.val_loss,
