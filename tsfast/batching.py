@@ -35,9 +35,12 @@ The cache layout: left padding, expressed through `doc_ids`.
 - Finished sequences (end-of-text, max_new_tokens, `cancel`) leave at once: the last row
   moves into the freed one (a copy of one row) and the batch shrinks, so they cost nothing.
 
-Failures: a request whose prefill or sampling fails ends with an error event and the others
-go on; a failure of the shared forward ends every row in that step with the error and the
-decoder stays usable for the rest.
+Sampling draws every row's token as `tsfast.generate.sample_next` would, with one top-k for
+the rows that share their settings (`sample_rows`).
+
+Failures: a request whose prefill fails (the only work that depends on what a request holds)
+ends with an error event and the others go on; a failure of the shared forward or sampling
+ends every row of that step with the error, and the decoder stays usable for the rest.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import torch
 
 from tsfast.data.tokenizer import EOT
 from tsfast.generate import _check_prompt, _make_generator, _model_eos, _to_model_ids, check_sampling
-from tsfast.generate import iter_tokens, sample_next, window_keep
+from tsfast.generate import iter_tokens, sample_rows, window_keep
 from tsfast.model import GPT, KVCache
 
 __all__ = ["BatchDecoder", "BatchServer", "Event", "Request", "Stream", "generate_many"]
@@ -161,7 +164,7 @@ class BatchDecoder:
             self._admit(events)
             self._remove(self._sample(events))
             self._advance(events)
-        except Exception as e:  # the shared forward: it ends every row it was for
+        except Exception as e:  # the shared forward or sampling: it ends every row it was for
             log.exception("batched decoding step failed")
             events += [Event(row.key, end="error", error=e) for row in self.rows]
             self.rows, self.length = [], 0
@@ -183,28 +186,25 @@ class BatchDecoder:
 
     def _sample(self, events: list[Event]) -> list[_Row]:
         """Draw each row's token; returns the rows that ended."""
+        if not self.rows:
+            return []
+        tokens = sample_rows(torch.stack([row.logits for row in self.rows]),
+                             [(row.request.temperature, row.request.top_k, row.request.top_p) for row in self.rows],
+                             [row.generator for row in self.rows])
         ended = []
-        for row in self.rows:
-            r = row.request
-            try:
-                token = sample_next(row.logits, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                    generator=row.generator)
-                row.produced += 1
-                if row.eos is not None and token == row.eos:
-                    events.append(Event(row.key, end="end_of_text"))
-                    ended.append(row)
-                    continue
-                gpt2 = int(self.vocab.to_gpt2([token])[0]) if self.vocab is not None else token
-                if row.produced >= r.max_new_tokens:
-                    events.append(Event(row.key, token=gpt2, end="max_new_tokens"))
-                    ended.append(row)
-                    continue
-                events.append(Event(row.key, token=gpt2))
-                row.tokens.append(token)
-            except Exception as e:
-                log.exception("sampling failed for request %r", row.key)
-                events.append(Event(row.key, end="error", error=e))
+        for row, token in zip(self.rows, tokens, strict=True):
+            row.produced += 1
+            if row.eos is not None and token == row.eos:
+                events.append(Event(row.key, end="end_of_text"))
                 ended.append(row)
+                continue
+            gpt2 = int(self.vocab.to_gpt2([token])[0]) if self.vocab is not None else token
+            if row.produced >= row.request.max_new_tokens:
+                events.append(Event(row.key, token=gpt2, end="max_new_tokens"))
+                ended.append(row)
+                continue
+            events.append(Event(row.key, token=gpt2))
+            row.tokens.append(token)
         return ended
 
     def _advance(self, events: list[Event]) -> None:

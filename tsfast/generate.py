@@ -54,6 +54,7 @@ __all__ = [
     "prompt_fit",
     "window_keep",
     "sample_next",
+    "sample_rows",
     "stream_text",
 ]
 
@@ -86,6 +87,38 @@ def sample_next(
     ids = None
     if top_k and top_k < logits.numel():
         logits, ids = torch.topk(logits, top_k)  # sorted, largest first
+    return _draw(logits, ids, top_p, generator)
+
+
+def sample_rows(logits: torch.Tensor, settings: Sequence[tuple[float, int | None, float | None]],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """`sample_next` for every row of `logits` (B, V), each with its own (temperature, top_k,
+    top_p) and generator: the same draws, but one argmax or top-k for the rows that share a
+    temperature and k (a top-k over the vocabulary is most of a row's sampling time)."""
+    logits = logits.float()
+    V = logits.shape[-1]
+    groups: dict[tuple[float, int | None], list[int]] = {}
+    for i, (temperature, top_k, _) in enumerate(settings):
+        groups.setdefault((temperature, top_k if top_k and top_k < V else None), []).append(i)
+    out = [0] * len(settings)
+    for (temperature, top_k), rows in groups.items():
+        group = logits[rows]
+        if temperature == 0:
+            for i, token in zip(rows, group.argmax(dim=-1).tolist(), strict=True):
+                out[i] = token
+            continue
+        group = group / temperature
+        ids = None
+        if top_k:
+            group, ids = torch.topk(group, top_k)
+        for j, i in enumerate(rows):
+            out[i] = _draw(group[j], None if ids is None else ids[j], settings[i][2], generators[i])
+    return out
+
+
+def _draw(logits: torch.Tensor, ids: torch.Tensor | None, top_p: float | None, generator) -> int:
+    """The top-p filter and the draw of `sample_next`, after temperature and top-k (ids: the
+    token ids of a top-k's logits, None for the whole vocabulary)."""
     if top_p is not None and top_p < 1.0:
         if ids is None:
             logits, ids = torch.sort(logits, descending=True)
