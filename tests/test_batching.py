@@ -178,6 +178,8 @@ def test_bad_requests_are_refused_before_decoding():
     dec.add(Request([1], 5), key="a")
     with pytest.raises(ValueError, match="already running"):
         dec.add(Request([2], 5), key="a")
+    with pytest.raises(ValueError, match="batch_size"):
+        list(generate_many(model, [Request([1], 5)], batch_size=0))
     with pytest.raises(ValueError, match="temperature"):
         list(generate_many(model, [Request([1], 5), Request([1], 5, temperature=-1)]))
     assert collect(generate_many(model, [Request([1], 0)])) == ({}, {0: "max_new_tokens"})

@@ -52,13 +52,21 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from tsfast.data.tokenizer import EOT
-from tsfast.generate import _check_prompt, _make_generator, _model_eos, _to_model_ids, check_sampling
-from tsfast.generate import iter_tokens, sample_rows, window_keep
+from tsfast.generate import (
+    _check_prompt,
+    _make_generator,
+    _model_eos,
+    _to_model_ids,
+    check_sampling,
+    iter_tokens,
+    sample_rows,
+    window_keep,
+)
 from tsfast.model import GPT, KVCache
 
 __all__ = ["BatchDecoder", "BatchServer", "Event", "Request", "Stream", "generate_many"]
@@ -222,8 +230,11 @@ class BatchDecoder:
                 self._realign(max(row.n for row in steps))
             L = self.length + 1
             idx = torch.tensor([[row.tokens[-1] if row.n else 0] for row in self.rows], device=self.device)
-            n = torch.tensor([row.n + 1 if row.n else 0 for row in self.rows], device=self.device)
-            doc_ids = torch.where(torch.arange(L, device=self.device) >= L - n[:, None], TEXT, PAD)
+            text = [row.n + 1 if row.n else 0 for row in self.rows]  # a hopping row is all padding
+            doc_ids = None  # when every row's text fills the cache there is no padding to mask
+            if any(n != L for n in text):
+                n = torch.tensor(text, device=self.device)
+                doc_ids = torch.where(torch.arange(L, device=self.device) >= L - n[:, None], TEXT, PAD)
             view = self.cache.view(slice(0, len(self.rows)), 0, self.length)
             logits, _ = self.model(idx, kv_cache=view, doc_ids=doc_ids)
             logits = logits[:, -1].float()
@@ -292,6 +303,8 @@ def generate_many(model: GPT, requests: Iterable[Request], *, batch_size: int = 
     finished request's place goes to the next one). Bad settings raise ValueError before any
     decoding. `use_cache=False` runs the requests one at a time without a cache (to compare)."""
     requests = list(requests)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     if not use_cache:
         for r in requests:
             check_sampling(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
@@ -304,7 +317,7 @@ def generate_many(model: GPT, requests: Iterable[Request], *, batch_size: int = 
                 yield Event(i, token=token)
             yield Event(i, end="max_new_tokens" if count == r.max_new_tokens else "end_of_text")
         return
-    decoder = BatchDecoder(model, max_batch=batch_size, vocab=vocab)
+    decoder = BatchDecoder(model, max_batch=min(batch_size, max(1, len(requests))), vocab=vocab)
     for i, r in enumerate(requests):
         decoder.add(r, key=i)
     while decoder.busy:
@@ -391,7 +404,7 @@ class BatchServer:
                 keys = list(self._streams) + [s.key for _, s in self._inbox]
                 for key in keys:
                     self.decoder.cancel(key)
-                for request, stream in self._inbox:
+                for _, stream in self._inbox:
                     stream._queue.put(Event(stream.key, end="error", error=e))
                 for key in list(self._streams):
                     self._deliver(Event(key, end="error", error=e))
