@@ -85,18 +85,20 @@ def test_every_row_sees_the_logits_of_its_own_window():
     row's window alone: padding, compaction, hops and joins leave no trace."""
     model = random_model("rope")
     V = model.config.vocab_size
-    dec = BatchDecoder(model, max_batch=4)
-    for n in (3, BLOCK - 1, 1):
+    dec = BatchDecoder(model, max_batch=5)
+    for n in (3, 1, 5):
         dec.add(random_request(V, n, 3 * BLOCK))
     for step in range(BLOCK + BLOCK // 4):
-        if step in (5, BLOCK // 2):  # joins: a short prompt, then one longer than the context
-            dec.add(random_request(V, 2 if step == 5 else BLOCK + 3, 3 * BLOCK))
+        if step in (5, BLOCK // 2):  # joins: a window longer than all (every row shifts right)
+            dec.add(random_request(V, BLOCK - 1 if step == 5 else BLOCK + 3, 3 * BLOCK))
         collect(dec.step())
+        if step == 5:
+            assert dec.length == BLOCK  # the joined window (BLOCK - 1) and its first new token
         for row in dec.rows:
             window = row.tokens[row.start :]
             assert len(window) <= BLOCK and row.n == len(window)
             torch.testing.assert_close(row.logits, window_logits(model, window), rtol=1e-4, atol=1e-4)
-    assert len(dec.rows) == 4 and dec.length <= BLOCK
+    assert len(dec.rows) == 5 and dec.length <= BLOCK
 
 
 def test_finished_sequences_leave_the_batch_and_identical_prompts_share_a_prefill():

@@ -14,20 +14,24 @@ The cache layout: left padding, expressed through `doc_ids`.
 - One `KVCache` of (layers, max_batch, heads, block_size, head_dim) with one length L for all
   rows. Row r's window (the tokens its model sees, as `tsfast.generate.Decoder` keeps it)
   fills the last n_r positions, right-aligned at L; the positions before are padding.
-  Every forward passes doc_ids (B, L): 0 on padding, 1 on text. `ops.rope_attention` then
-  masks padding keys out of real queries and counts each row's rotary (or learned)
-  positions from its first real token: the op needs nothing beyond its contract. The
+  A step's forward passes doc_ids (B, L): 0 on padding, 1 on text (None when no row has
+  padding). `ops.rope_attention` then masks padding keys out of real queries and counts
+  each row's rotary (or learned) positions from its first real token: the op needs nothing
+  beyond its contract. The
   alternative, per-row lengths with right padding, writes each row's new token at its own
   position: the queries would no longer be the last positions of the keys (the op's KV-cache
   contract), so every step would need a per-row query position in the op.
 - Compaction: L grows by one per step. When it would pass the context, every row shifts left
   by the padding all rows share (one copy of the active rows; keys are cached un-rotated and
-  positions come from doc_ids, so nothing is recomputed). The longest row then reaches the
-  context only when it hops (below), so this happens at most once per hop of the longest row.
+  positions come from doc_ids, so nothing is recomputed). After that L is the longest row's
+  length and grows with it, so the next compaction comes only after the longest row hops
+  (below) or ends.
 - Joining: a new request's window is run (prefill) as a batch of one, no padding (the same
   computation as the single-sequence Decoder's), straight into its row of the cache,
   right-aligned at L; a window longer than L first shifts every row right. Requests whose
-  windows are identical (sample.py's N samples of one prompt) share one prefill.
+  windows are identical (sample.py's N samples of one prompt) share one prefill. Different
+  windows run one after another: on a CPU a window of tens of tokens already fills the
+  matrix products, and padding them into one batch would compute the padding too.
 - The sliding window, per row, as a single sequence slides: when a row's window would pass
   the context, it keeps its newest `block_size - block_size // 4` tokens and re-runs them as
   a prefill into its row; that step it sits out the batched forward (a padding token in its
