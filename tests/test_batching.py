@@ -118,12 +118,12 @@ def test_finished_sequences_leave_the_batch_and_identical_prompts_share_a_prefil
 def test_cancel_and_a_failing_request_leave_the_others_alone(monkeypatch):
     model = random_model("rope")
     V = model.config.vocab_size
-    bad = 7
+    bad = [7, 1, 2]
     good = [random_request(V, n, 30) for n in (5, 9)]
     real = model.forward
 
     def forward(idx, *args, **kwargs):
-        if idx.shape[1] > 1 and int(idx[0, 0]) == bad:
+        if bad in idx.tolist():
             raise RuntimeError("this prompt breaks the model")
         return real(idx, *args, **kwargs)
 
@@ -133,7 +133,10 @@ def test_cancel_and_a_failing_request_leave_the_others_alone(monkeypatch):
     doomed = dec.add(random_request(V, 4, 30))
     events = dec.step() + dec.step()
     dec.cancel(doomed)
-    failing = dec.add(Request([bad, 1, 2], 30, seed=1))
+    failing = dec.add(Request(bad, 30, seed=1))
+    same_length = Request([8, 1, 2], 30, temperature=0.0)  # its prefill runs in one batch with the failing one
+    keys.append(dec.add(same_length))
+    good.append(same_length)
     events += dec.step()
     failure = [ev for ev in events if ev.key == failing]
     assert len(failure) == 1 and failure[0].end == "error" and "breaks the model" in str(failure[0].error)

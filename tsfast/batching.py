@@ -26,12 +26,13 @@ The cache layout: left padding, expressed through `doc_ids`.
   positions come from doc_ids, so nothing is recomputed). After that L is the longest row's
   length and grows with it, so the next compaction comes only after the longest row hops
   (below) or ends.
-- Joining: a new request's window is run (prefill) as a batch of one, no padding (the same
-  computation as the single-sequence Decoder's), straight into its row of the cache,
-  right-aligned at L; a window longer than L first shifts every row right. Requests whose
-  windows are identical (sample.py's N samples of one prompt) share one prefill. Different
-  windows run one after another: on a CPU a window of tens of tokens already fills the
-  matrix products, and padding them into one batch would compute the padding too.
+- Joining: a new request's window is run (prefill) without padding, the computation of the
+  single-sequence Decoder, and its keys and values are copied into its row of the cache,
+  right-aligned at L; a window longer than L first shifts every row right. The windows
+  that join in one step run as one batch per length (so 8 prompts of one length read the
+  output layer once, not 8 times), and identical windows (sample.py's N samples of one
+  prompt) run once. Windows of different lengths are not padded into one batch: that
+  would compute the padding too.
 - The sliding window, per row, as a single sequence slides: when a row's window would pass
   the context, it keeps its newest `block_size - block_size // 4` tokens and re-runs them as
   a prefill into its row; that step it sits out the batched forward (a padding token in its
@@ -249,31 +250,44 @@ class BatchDecoder:
         self._prefill(hops, events)
 
     def _prefill(self, rows: list[_Row], events: list[Event]) -> None:
-        """Run each row's window into its cache row, right-aligned at L; rows with the same
-        window share one run. A row whose run fails ends with an error event."""
-        groups: dict[tuple[int, ...], list[_Row]] = {}
+        """Run each row's window into its cache row, right-aligned at L. Windows of one
+        length run as one batch (no padding needed), identical ones once. When a batch
+        fails, its windows run one by one, so that only the rows whose own run fails end
+        (with an error event)."""
+        by_length: dict[int, dict[tuple[int, ...], list[_Row]]] = {}
         for row in rows:
-            groups.setdefault(tuple(row.tokens[row.start :]), []).append(row)
-        failed = []
-        for window, group in groups.items():
+            window = tuple(row.tokens[row.start :])
+            by_length.setdefault(len(window), {}).setdefault(window, []).append(row)
+        failed: list[_Row] = []
+        for windows in by_length.values():
             try:
-                w = len(window)
-                if w > self.length:
-                    self._realign(w)
-                L, first = self.length, group[0]
-                view = self.cache.view(slice(first.slot, first.slot + 1), L - w)
-                logits, _ = self.model(torch.tensor([window], device=self.device), kv_cache=view)
-                logits = logits[0, -1].float()
-                for row in group:
-                    for buf in (self.cache.k, self.cache.v):
-                        if row is not first:
-                            buf[:, row.slot, :, L - w : L] = buf[:, first.slot, :, L - w : L]
-                    row.n, row.logits = w, logits
-            except Exception as e:
-                log.exception("prefill failed for request(s) %r", [row.key for row in group])
-                events += [Event(row.key, end="error", error=e) for row in group]
-                failed += group
+                self._run_windows(windows)
+            except Exception:  # find the windows that fail: each alone
+                for window, group in windows.items():
+                    try:
+                        self._run_windows({window: group})
+                    except Exception as e:
+                        log.exception("prefill failed for request(s) %r", [row.key for row in group])
+                        events += [Event(row.key, end="error", error=e) for row in group]
+                        failed += group
         self._remove(failed)
+
+    def _run_windows(self, windows: dict[tuple[int, ...], list[_Row]]) -> None:
+        """One forward over distinct windows of one length; each row gets its window's keys
+        and values and next-token logits."""
+        w = len(next(iter(windows)))
+        if w > self.length:
+            self._realign(w)
+        L = self.length
+        param = next(self.model.parameters())
+        cache = KVCache(self.model.config, len(windows), device=self.device, dtype=param.dtype, max_len=w)
+        logits, _ = self.model(torch.tensor(list(windows), device=self.device), kv_cache=cache)
+        logits = logits[:, -1].float()
+        for j, group in enumerate(windows.values()):
+            for row in group:
+                self.cache.k[:, row.slot, :, L - w : L] = cache.k[:, j]
+                self.cache.v[:, row.slot, :, L - w : L] = cache.v[:, j]
+                row.n, row.logits = w, logits[j]
 
     def _realign(self, length: int) -> None:
         """Move every row's window to end at `length` (each row's n <= length)."""
