@@ -102,7 +102,7 @@ def sample_rows(logits: torch.Tensor, settings: Sequence[tuple[float, int | None
         groups.setdefault((temperature, top_k if top_k and top_k < V else None), []).append(i)
     out = [0] * len(settings)
     for (temperature, top_k), rows in groups.items():
-        group = logits[rows]
+        group = logits if len(rows) == len(settings) else logits[rows]  # one group: no copy
         if temperature == 0:
             for i, token in zip(rows, group.argmax(dim=-1).tolist(), strict=True):
                 out[i] = token
