@@ -46,6 +46,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from tsfast.clitools import check_bind, quiet_exits
+
 DEFAULT_PORT = 7870
 TRAIN_COMMAND = "uv run train.py"
 MAX_PROMPT_CHARS = 20_000
@@ -312,6 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@quiet_exits
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s")
@@ -328,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_batch < 1:
         print(f"error: --max-batch must be at least 1, got {args.max_batch}", file=sys.stderr)
         return 2
+    problem = check_bind(args.host, args.port)
+    if problem:
+        print(f"error: {problem[1]}", file=sys.stderr)
+        return problem[0]
     app = build_app(args.ckpt, args.device, args.max_batch)
     try:
         app.queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share)

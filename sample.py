@@ -22,7 +22,8 @@ token by token, the others appear as their turn comes. The last line gives the s
 generated tokens per second over the whole run (prompt processing included). `--no-cache`
 decodes one sample at a time, re-running the whole context for every token (to compare).
 
-Exit codes: 0 done, 1 no usable checkpoint, 2 bad arguments, 130 interrupted.
+Exit codes: 0 done, 1 no usable checkpoint (missing, damaged, or a field out of range),
+2 bad arguments, 130 interrupted (Ctrl-C, start-up included), 141 stdout closed (`| head`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ import argparse
 import sys
 import time
 
+from tsfast.clitools import quiet_exits
+
 EXIT_CHECKPOINT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Sample text from a tsfast checkpoint.",
-        epilog="Exit codes: 0 done, 1 no usable checkpoint, 2 bad arguments, 130 interrupted.",
+        epilog="Exit codes: 0 done, 1 no usable checkpoint, 2 bad arguments, 130 interrupted, "
+        "141 stdout closed.",
     )
     p.add_argument("--prompt", default="Once upon a time", help="text to continue (default: %(default)r)")
     p.add_argument("--num-samples", type=int, default=3, help="how many samples (default: %(default)s)")
@@ -58,8 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, worded for the user, or None."""
+    from tsfast.config import SEED_MAX, SEED_MIN
     from tsfast.generate import check_sampling
 
+    if not SEED_MIN <= args.seed <= SEED_MAX - max(args.num_samples - 1, 0):
+        return (f"--seed must be a whole number from {SEED_MIN} to {SEED_MAX} (sample i uses seed + i), "
+                f"got {args.seed}")
     if not args.prompt.strip():
         return '--prompt is empty: give some text to continue, e.g. --prompt "Once upon a time"'
     if args.num_samples < 1:
@@ -153,6 +161,7 @@ def write_samples(args: argparse.Namespace, loaded, prompt_ids: list[int]) -> in
     return tokens
 
 
+@quiet_exits
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for stream in (sys.stdout, sys.stderr):

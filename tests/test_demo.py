@@ -16,6 +16,7 @@ import pytest
 import requests
 import torch
 from gradio_client import Client
+from train_helpers import save_edited
 from trained_checkpoint import REPO, trained_ckpt  # noqa: F401  (fixture)
 
 GOOD = {"max_new_tokens": 20, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 7}
@@ -167,8 +168,7 @@ def test_incompatible_checkpoints(demo_mod, trained_ckpt, tmp_path):  # noqa: F8
     torch.save({"weights": torch.zeros(3)}, other)
     mismatched = tmp_path / "mismatched.pt"
     ckpt = torch.load(trained_ckpt, weights_only=True)
-    ckpt["model_config"] = dict(ckpt["model_config"], n_embd=2 * ckpt["model_config"]["n_embd"])
-    torch.save(ckpt, mismatched)
+    save_edited(mismatched, ckpt, model_config=dict(ckpt["model_config"], n_embd=2 * ckpt["model_config"]["n_embd"]))
     expected = {junk: "not a readable checkpoint", other: "not a tsfast checkpoint", mismatched: "does not fit"}
     for path, message in expected.items():
         with serving(demo_mod, path) as (client, url):
@@ -226,11 +226,36 @@ def test_cancel_from_the_client_stops_the_server(server, produced):
     assert FINAL.match(ask(client, max_new_tokens=10)[1])  # and serves the next request
 
 
+def test_damaged_or_edited_checkpoints_are_named_in_the_page(demo_mod, trained_ckpt, tmp_path):  # noqa: F811
+    from test_train_checkpoint import damage_tensor_bytes
+
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(trained_ckpt.read_bytes())
+    damage_tensor_bytes(damaged, ckpt["model"]["wte.weight"])
+    no_vocab = save_edited(tmp_path / "no_vocab.pt", ckpt, vocab=None)
+    text_loss = save_edited(tmp_path / "text_loss.pt", ckpt, val_loss="low")
+    expected = {damaged: "is damaged: its contents do not match the checksum",
+                no_vocab: "vocab is None, expected the compact vocabulary map",
+                text_loss: "val_loss is 'low', expected None or a finite number >= 0"}
+    for path, message in expected.items():
+        teller = demo_mod.StoryTeller(path, "cpu")
+        assert message in teller.info() and "No model to run" in teller.info()
+        story, status = list(teller.stream("Once upon a time", **{k: v for k, v in GOOD.items()}))[-1]
+        assert story == "" and message in status
+
+
 def test_command_line_errors(demo_mod, capsys, trained_ckpt):  # noqa: F811
     assert demo_mod.main(["--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert demo_mod.main(["--port", "70000"]) == 2
     assert "--port must be from 1 to 65535" in capsys.readouterr().err
+    assert demo_mod.main(["--host", "256.1.1.1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host '256.1.1.1' is not an IP address or a name this machine can resolve")
+    assert "Cannot find empty port" not in err and err.count("\n") == 1
+    assert demo_mod.main(["--host", "192.0.2.1", "--device", "cpu"]) == 2  # TEST-NET-1: nobody's address
+    assert capsys.readouterr().err.startswith("error: --host 192.0.2.1 is not an address of this machine")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -217,10 +217,13 @@ def test_a_plain_install_leaves_the_optional_packages_out():
     base = " ".join(project["project"]["dependencies"])
     for heavy in ("gradio", "wandb", "playwright", "transformers", "safetensors", "openai-whisper", "pytest"):
         assert heavy not in base
-    assert project["tool"]["uv"]["default-groups"] == []
+    assert project["tool"]["uv"]["default-groups"] == ["dev"]  # `uv run pytest` has its tools
     extras = project["project"]["optional-dependencies"]
     assert any(d.startswith("transformers") for d in extras["hf"]) and any(d.startswith("safetensors") for d in extras["hf"])
     assert "tinystories-fast[hf,demo,wandb]" in project["dependency-groups"]["dev"]
-    # demo.py sets itself up under `uv run demo.py`: PEP 723 metadata naming the demo extra.
-    header = (REPO / "demo.py").read_text().split('"""')[0]
-    assert "# /// script" in header and "tinystories-fast[demo,hf]" in header and "# ///\n" in header
+    # Each script sets itself up under `uv run SCRIPT`: PEP 723 metadata naming what it needs,
+    # so `uv run train.py` installs no extra and no test tool.
+    for script, needs in (("demo.py", "tinystories-fast[demo,hf]"), ("train.py", '"tinystories-fast"'),
+                          ("sample.py", '"tinystories-fast"')):
+        header = (REPO / script).read_text().split('"""')[0]
+        assert "# /// script" in header and needs in header and "# ///\n" in header, script

@@ -20,7 +20,8 @@ How one sequence is decoded (`Decoder`):
 - `use_cache=False` re-runs the whole current window for every token: the same windows,
   so the same logits (within float rounding); the tests and the benchmark compare the two.
 
-Sampling: logits in float32, divided by the temperature (0 = greedy), top-k (0/None off),
+Sampling: logits in float32, divided by the temperature (0 = greedy; so is a temperature
+below float32's smallest normal number, 1.2e-38), top-k (0/None off),
 top-p (nucleus; 1.0/None off), then one draw from a `torch.Generator` seeded by `seed`, so
 samples reproduce and the global RNG is left alone. Generation stops at the end-of-text
 token (not returned) or after `max_new_tokens`.
@@ -80,21 +81,15 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> int:
     """One token id drawn from `logits` (V,): temperature (0 = argmax), top-k, then top-p."""
-    logits = logits.float()
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    ids = None
-    if top_k and top_k < logits.numel():
-        logits, ids = torch.topk(logits, top_k)  # sorted, largest first
-    return _draw(logits, ids, top_p, generator)
+    return sample_rows(logits[None], [(temperature, top_k, top_p)], [generator])[0]
 
 
 def sample_rows(logits: torch.Tensor, settings: Sequence[tuple[float, int | None, float | None]],
                 generators: Sequence[torch.Generator | None]) -> list[int]:
     """`sample_next` for every row of `logits` (B, V), each with its own (temperature, top_k,
-    top_p) and generator: the same draws, but one argmax or top-k for the rows that share a
-    temperature and k (a top-k over the vocabulary is most of a row's sampling time)."""
+    top_p) and generator; one argmax or top-k for the rows that share a temperature and k
+    (a top-k over the vocabulary is most of a row's sampling time). Row by row, the same
+    arithmetic as one row alone, so the same draws."""
     logits = logits.float()
     V = logits.shape[-1]
     groups: dict[tuple[float, int | None], list[int]] = {}
@@ -103,14 +98,16 @@ def sample_rows(logits: torch.Tensor, settings: Sequence[tuple[float, int | None
     out = [0] * len(settings)
     for (temperature, top_k), rows in groups.items():
         group = logits if len(rows) == len(settings) else logits[rows]  # one group: no copy
-        if temperature == 0:
+        if temperature < torch.finfo(torch.float32).tiny:  # 0, or below float32's normal range
             for i, token in zip(rows, group.argmax(dim=-1).tolist(), strict=True):
                 out[i] = token
             continue
-        group = group / temperature
+        # Shift the largest logit to 0 first: a tiny temperature then sends the others to -inf
+        # instead of overflowing to inf (inf - inf is NaN in the softmax).
+        group = (group - group.max(dim=-1, keepdim=True).values) / temperature
         ids = None
         if top_k:
-            group, ids = torch.topk(group, top_k)
+            group, ids = torch.topk(group, top_k)  # sorted, largest first
         for j, i in enumerate(rows):
             out[i] = _draw(group[j], None if ids is None else ids[j], settings[i][2], generators[i])
     return out
@@ -140,14 +137,14 @@ def window_keep(block_size: int) -> int:
 
 
 def prompt_fit(model: GPT, prompt_ids: Sequence[int], vocab=None) -> tuple[int, int]:
-    """(prompt tokens dropped because the prompt is longer than the context, prompt tokens
-    a compact vocabulary does not hold and the model reads as its unknown token)."""
+    """(prompt tokens dropped because the prompt is longer than the context, kept prompt
+    tokens a compact vocabulary does not hold and the model reads as its unknown token)."""
     ids = [int(t) for t in prompt_ids]
     block = model.config.block_size
     dropped = len(ids) - window_keep(block) if len(ids) > block else 0
     unknown = 0
-    if vocab is not None and ids:
-        unknown = int((vocab.to_compact(ids) == vocab.unk_id).sum())
+    if vocab is not None and ids[dropped:]:  # only the tokens the model reads
+        unknown = int((vocab.to_compact(ids[dropped:]) == vocab.unk_id).sum())
     return dropped, unknown
 
 
