@@ -132,7 +132,7 @@ class BatchDecoder:
         self.block_size = model.config.block_size
         self.keep = window_keep(self.block_size)
         param = next(model.parameters())
-        self.device = param.device
+        self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(model.config, max_batch, device=param.device, dtype=param.dtype)
         self.length = 0  # L: every row's window ends here
         self.rows: list[_Row] = []  # running, in slot order
@@ -279,8 +279,7 @@ class BatchDecoder:
         if w > self.length:
             self._realign(w)
         L = self.length
-        param = next(self.model.parameters())
-        cache = KVCache(self.model.config, len(windows), device=self.device, dtype=param.dtype, max_len=w)
+        cache = KVCache(self.model.config, len(windows), device=self.device, dtype=self.dtype, max_len=w)
         logits, _ = self.model(torch.tensor(list(windows), device=self.device), kv_cache=cache)
         logits = logits[:, -1].float()
         for j, group in enumerate(windows.values()):

@@ -26,6 +26,11 @@ top-p (nucleus; 1.0/None off), then one draw from a `torch.Generator` seeded by 
 samples reproduce and the global RNG is left alone. Generation stops at the end-of-text
 token (not returned) or after `max_new_tokens`.
 
+Several sequences at once (sample.py's samples, the demo's users): `tsfast.batching`, whose
+docstring gives the batched cache's layout; a sequence there is sampled with the same
+arithmetic (`sample_rows`), so a seed gives the same story alone or batched, up to the float
+rounding of the logits.
+
 Compact vocabularies: with `vocab` (a `tsfast.data.vocab.CompactVocab`), prompt ids are
 GPT-2 ids mapped to the model's compact ids (unknown ones to its unk id), sampled ids are
 mapped back to GPT-2 ids, and the end-of-text token is `vocab.eot_id`. Every id a public
