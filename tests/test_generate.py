@@ -18,6 +18,7 @@ from tsfast.generate import (
     iter_tokens,
     prompt_fit,
     sample_next,
+    sample_rows,
     stream_text,
     window_keep,
 )
@@ -176,6 +177,20 @@ def test_sample_next_filters():
     assert {sample_next(logits, temperature=1.0, top_p=0.5, generator=gen) for _ in range(50)} == {int(where[0])}
     draws = [sample_next(logits, temperature=1.0, generator=gen) for _ in range(4000)]
     assert abs(draws.count(int(where[3])) / len(draws) - 0.05) < 0.015
+
+
+def test_sample_rows_draws_what_sample_next_draws_row_by_row():
+    V, B = random.choice([97, 1000]), 17
+    logits = torch.randn(B, V) * 3
+    settings = [(random.choice([0.0, 0.5, 1.0, 1.3]), random.choice([None, 0, 1, 7, 50, V + 5]),
+                 random.choice([None, 1.0, 0.3, 0.9])) for _ in range(B)]
+    seeds = [random.randint(0, 2**31) for _ in range(B)]
+    gens_a = [torch.Generator().manual_seed(s) for s in seeds]
+    gens_b = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(3):  # three draws from each generator
+        want = [sample_next(logits[i], temperature=t, top_k=k, top_p=p, generator=gens_a[i])
+                for i, (t, k, p) in enumerate(settings)]
+        assert sample_rows(logits, settings, gens_b) == want
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ import pytest
 import torch
 from trained_checkpoint import REPO, quiet_env, trained_ckpt  # noqa: F401  (fixture)
 
-RATE_LINE = re.compile(r"^(\d+) sample\(s\), (\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s \((KV cache|no KV cache), cpu\)$")
+RATE_LINE = re.compile(r"^(\d+) sample\(s\), (\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s "
+                       r"\((KV cache, batch \d+|no KV cache, one at a time), cpu\)$")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def test_sample_py_end_to_end(trained_ckpt):  # noqa: F811
     rate = RATE_LINE.match(lines[-1])
     assert rate, lines[-1]
     assert rate.group(1) == "2" and 0 < int(rate.group(2)) <= 50 and float(rate.group(3)) > 0
+    assert rate.group(4) == "KV cache, batch 2"
 
 
 def test_same_seed_same_stories(sample_mod, capsys, trained_ckpt):  # noqa: F811
@@ -106,7 +108,22 @@ def test_prompt_longer_than_the_context(sample_mod, capsys, trained_ckpt):  # no
 def test_cache_and_no_cache_report_their_speed(sample_mod, capsys, trained_ckpt):  # noqa: F811
     args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "1", "--max-new-tokens", "8"]
     _, out, _ = run_main(sample_mod, capsys, *args, "--no-cache")
-    assert RATE_LINE.match(out.splitlines()[-1]).group(4) == "no KV cache"
+    assert RATE_LINE.match(out.splitlines()[-1]).group(4) == "no KV cache, one at a time"
+
+
+def test_batch_size_changes_nothing_but_the_speed(sample_mod, capsys, trained_ckpt):  # noqa: F811
+    """The samples of one run, decoded one at a time, all together, or 2 at a time (later
+    ones joining as earlier ones end), and without the cache: the same stories in order."""
+    args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "3", "--max-new-tokens",
+            str(random.randint(10, 30)), "--temperature", "1.0", "--seed", str(random.randint(0, 10**6))]
+    outs = []
+    for extra in (["--batch-size", "1"], ["--batch-size", "3"], ["--batch-size", "2"], ["--no-cache"]):
+        code, out, _ = run_main(sample_mod, capsys, *args, *extra)
+        assert code == 0
+        outs.append(out.splitlines()[:-1])  # all but the rate line
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+    assert [line for line in outs[0] if line.startswith("---")] == [
+        f"--- sample {i + 1} (seed {int(args[-1]) + i}) ---" for i in range(3)]
 
 
 @pytest.mark.parametrize(
@@ -114,6 +131,7 @@ def test_cache_and_no_cache_report_their_speed(sample_mod, capsys, trained_ckpt)
     [
         (["--prompt", "   "], 2, "--prompt is empty"),
         (["--num-samples", "0"], 2, "--num-samples must be at least 1"),
+        (["--batch-size", "0"], 2, "--batch-size must be at least 1"),
         (["--max-new-tokens", "0"], 2, "--max-new-tokens must be at least 1"),
         (["--temperature", "-1"], 2, "--temperature must be a number >= 0"),
         (["--top-k", "-5"], 2, "--top-k must be a whole number >= 0"),
