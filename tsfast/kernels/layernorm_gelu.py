@@ -67,8 +67,6 @@ from tsfast.kernels.layernorm_gelu_backward import (
     _layer_norm_bwd_kernel,
     autotuned,
     config_label,
-    dln_matmul,
-    dw_matmul,
     layer_norm_backward,
     layernorm_linear_backward_prologue,
     matmul_config,
