@@ -74,7 +74,7 @@ POSITIVE = (
     "eval_interval", "eval_iters", "log_interval", "lr",
 )
 # Fields that describe the model's shape: a checkpoint is resumable only if they match.
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "vocab")
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "vocab", "doc_mask")
 
 
 @dataclass
@@ -91,6 +91,10 @@ class TrainConfig:
     bias: bool = True
     pos: str = "rope"
     vocab: str = "gpt2"  # "gpt2" (50257 ids) or "compact" (ids seen in the corpus + unknown)
+    # Each story attends only to itself, with rotary positions from its own start (doc_ids
+    # from the EOT tokens), in training and evaluation. False here: what checkpoints that
+    # predate the field were trained with.
+    doc_mask: bool = False
     # optimization
     batch_size: int = 32  # micro-batch per process
     grad_accum: int = 1  # micro-steps per optimizer step, summed over all processes
