@@ -1,7 +1,7 @@
 """Training with and without document masking at equal steps: val loss and tokens/s.
 
     uv run python benchmarks/doc_mask_runs.py tiny --seeds 1 2 3
-    uv run python benchmarks/doc_mask_runs.py baby_cpu --seeds 1 2 --set max_iters=200 warmup_iters=20
+    uv run python benchmarks/doc_mask_runs.py baby_cpu --seeds 1 2 --set max_iters=150 warmup_iters=15 eval_interval=150
 
 For each seed, `train.py --config PRESET --doc_mask true` and `--doc_mask false` run at the
 same time, one thread each (OMP_NUM_THREADS=1), so on a shared machine both see the same

@@ -120,6 +120,16 @@ def test_doc_mask_is_part_of_the_model_contract():
     assert "doc_mask" in MODEL_FIELDS
 
 
+def test_doc_mask_defaults():
+    """On where it measured no worse (BENCHMARKS.md); off in the dataclass (what checkpoints
+    that predate the field were trained with) and in the GPU presets (unmeasured)."""
+    from tsfast.config import TrainConfig
+
+    assert TrainConfig().doc_mask is False
+    assert {name: preset(name).doc_mask for name in ("tiny", "baby_gpu", "gpt2")} == {
+        "tiny": True, "baby_gpu": False, "gpt2": False}
+
+
 # ----------------------------------------------------------------------------- training, eval
 
 
