@@ -94,6 +94,7 @@ class Step:
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randint(0, vocab, (B, T), generator=gen).to(device)
         self.y = torch.randint(0, vocab, (B, T), generator=gen).to(device)
+        self.doc_ids = None  # (B, T) document ids, to time a document-masked step
         self.tokens = B * T
         self.n_params = self.model.num_params()
         self.flops_per_step = self.tokens * flops.gpt_flops_per_token(
@@ -102,7 +103,7 @@ class Step:
 
     def run(self) -> torch.Tensor:
         with runtime.autocast(self.device, self.dtype):
-            _, loss = self.train_model(self.x, self.y)
+            _, loss = self.train_model(self.x, self.y, doc_ids=self.doc_ids)
         self.scaler.scale(loss).backward()
         optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.grad_clip)
         return loss

@@ -9,7 +9,8 @@ hashing: about 1 GB/s on one core with SHA extensions (0.97 GB/s measured on a s
 
 `BatchSampler` draws random windows nanoGPT style: B offsets uniform in
 [0, len - block_size - 1], x = tokens[i : i+T], y = tokens[i+1 : i+T+1]; no padding, and
-windows may cross story boundaries (the EOT token marks them).
+windows may cross story boundaries (the EOT token marks them). Given `eot_token`, `batch()`
+also returns x's document ids (`doc_ids_from_eot`) for document-masked attention.
 
 Determinism: batch `step` is drawn by a Philox counter-based generator whose key is a hash
 of (seed, rank, stream) and whose counter starts at `step`. Batch k is therefore a pure
@@ -68,12 +69,25 @@ def stream_key(seed: int, rank: int, stream: str) -> np.ndarray:
     return np.frombuffer(digest[:16], dtype="<u8").copy()
 
 
+def doc_ids_from_eot(windows: np.ndarray, eot_token: int) -> np.ndarray:
+    """(B, T) int32 document ids of token windows (B, T), non-decreasing along T.
+
+    The end-of-text token belongs to the story it ends, so a new document starts right after
+    each one: a token's id is the number of EOTs before it in its row. A row that starts
+    mid-story begins with document 0; one that ends on an EOT starts no new document."""
+    ends = np.asarray(windows) == eot_token
+    ids = np.zeros(ends.shape, dtype=np.int32)
+    np.cumsum(ends[:, :-1], axis=1, out=ids[:, 1:])
+    return ids
+
+
 class BatchSampler:
     """Random (x, y) windows of `tokens`, a pure function of (seed, rank, stream, step)."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, *, seed: int,
                  rank: int = 0, stream: str = "train", device: str | torch.device = "cpu",
-                 token_map: np.ndarray | None = None, source: str | Path | None = None):
+                 token_map: np.ndarray | None = None, source: str | Path | None = None,
+                 eot_token: int | None = None):
         where = source or f"the {stream} tokens"
         if batch_size < 1 or block_size < 1:
             raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
@@ -97,6 +111,7 @@ class BatchSampler:
         self.block_size = block_size
         self.device = torch.device(device)
         self.token_map = token_map
+        self.eot_token = eot_token  # GPT-2 id (before token_map) that ends each story, or None
         self.key = stream_key(seed, rank, stream)
         self._window = np.arange(block_size + 1)
 
@@ -116,11 +131,22 @@ class BatchSampler:
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y): int64 tensors (B, T) on the sampler's device, y = x shifted by one."""
+        x, y, _ = self.batch(step)
+        return x, y
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x, y, doc_ids): get()'s x and y, and with `eot_token` set x's (B, T) int32 document
+        ids (`doc_ids_from_eot`) on the same device, else None."""
         windows = self.tokens[self.offsets(step)[:, None] + self._window]
+        docs = None
+        if self.eot_token is not None:
+            docs = torch.from_numpy(doc_ids_from_eot(windows[:, :-1], self.eot_token))
         windows = self.token_map[windows] if self.token_map is not None else windows.astype(np.int64)
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
+        return self._to_device(x), self._to_device(y), None if docs is None else self._to_device(docs)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)

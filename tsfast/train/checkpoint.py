@@ -9,6 +9,8 @@ reads (tensors, numbers, strings, lists and dicts only):
 
 Keys of both: format_version, kind ("best" or "resume"), model (state dict), model_config,
 train_config, vocab (CompactVocab state or None), step, best_val_loss, val_loss, num_params.
+train_config's doc_mask (document-masked attention) is part of the model's contract;
+checkpoints that predate it have none and read as doc_mask false (`saved_train_config`).
 resume.pt adds: optimizer, scaler, rng (torch, cuda, numpy, python), data_step, wandb_run_id.
 
 A write goes to a temporary file in the same directory, is flushed and fsynced, then renamed
@@ -63,6 +65,7 @@ class LoadedModel:
     val_loss: float | None
     step: int
     config: dict  # the train config it was trained with
+    doc_mask: bool = False  # trained (and evaluated) with document-masked attention
 
 
 # ----------------------------------------------------------------------------- writing
@@ -261,18 +264,22 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str | os.PathLike
         ) from None
 
 
+def saved_train_config(ckpt: dict) -> dict:
+    """The checkpoint's train config, with doc_mask false where it predates that field."""
+    return {"doc_mask": False, **ckpt["train_config"]}
+
+
 def check_same_architecture(ckpt: dict, train_config: dict, path: str | os.PathLike) -> None:
     """Raise CheckpointError if the checkpoint's model shape differs from the config's."""
-    saved = ckpt["train_config"]
-    diffs = [
-        f"{k}={saved.get(k)!r} in the checkpoint, {train_config[k]!r} asked"
-        for k in MODEL_FIELDS
-        if saved.get(k) != train_config[k]
-    ]
+    saved = saved_train_config(ckpt)
+    differ = [k for k in MODEL_FIELDS if saved.get(k) != train_config[k]]
+    diffs = [f"{k}={saved.get(k)!r} in the checkpoint, {train_config[k]!r} asked" for k in differ]
     if diffs:
+        flags = " ".join(f"--{k} {str(saved.get(k)).lower() if isinstance(saved.get(k), bool) else saved.get(k)}"
+                         for k in differ)
         raise CheckpointError(
             f"{path} holds another architecture ({saved.get('name', '?')}): {'; '.join(diffs)}. "
-            f"Resume with the same settings (e.g. --config {saved.get('name', '?')}), or start "
+            f"Resume with the same settings (e.g. --config {saved.get('name', '?')} {flags}), or start "
             "fresh without --resume in another --out_dir"
         )
 
@@ -303,7 +310,7 @@ def load_for_inference(path: str | os.PathLike = "out/ckpt.pt", device: str = "a
         vocab = vocab_of(ckpt)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has a vocabulary map this tsfast cannot read: {e}") from None
-    train_config = dict(ckpt["train_config"])
+    train_config = saved_train_config(ckpt)
     return LoadedModel(
         model=model,
         vocab=vocab,
@@ -312,4 +319,5 @@ def load_for_inference(path: str | os.PathLike = "out/ckpt.pt", device: str = "a
         val_loss=ckpt.get("val_loss"),
         step=int(ckpt["step"]),
         config=train_config,
+        doc_mask=bool(train_config["doc_mask"]),
     )

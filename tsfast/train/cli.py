@@ -114,7 +114,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
         resume = ckpt_io.read_checkpoint(path, resume=True, note=lambda line: notes.append(f"note: {line}"))
         if args.config is None:
             try:
-                base = TrainConfig(**resume["train_config"])
+                base = TrainConfig(**ckpt_io.saved_train_config(resume))
             except TypeError as e:
                 raise ckpt_io.CheckpointError(f"{path} has a train config this tsfast cannot read: {e}") from None
             notes.append(f"resuming {path}: config {base.name} from the checkpoint")

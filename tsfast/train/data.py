@@ -8,7 +8,8 @@ index), so the data position of a run is just its step:
     eval val    stream "val" over the val split, indices 0 .. eval_iters-1
 
 Evaluation therefore never draws from the training stream, and a resumed run draws exactly
-the batches the uninterrupted run would have.
+the batches the uninterrupted run would have. With `doc_mask` every sampler (training and
+evaluation alike) also gives the batch's document ids, from the end-of-text tokens.
 """
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def samplers(corpus: Corpus, cfg: TrainConfig, *, rank: int, device: torch.devic
     """(train sampler for this rank, {"train": eval-train sampler, "val": val sampler})."""
     from tsfast.data.loader import BatchSampler
 
+    from tsfast.data.tokenizer import EOT
+
     token_map = corpus.token_map()
+    eot_token = EOT if cfg.doc_mask else None
 
     def make(split, stream, r):
         return BatchSampler.for_split(
             corpus.tokens, split, cfg.batch_size, cfg.block_size, seed=cfg.seed, rank=r,
-            stream=stream, device=device, token_map=token_map,
+            stream=stream, device=device, token_map=token_map, eot_token=eot_token,
         )
 
     train = make("train", "train", rank)

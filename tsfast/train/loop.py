@@ -95,7 +95,7 @@ class Trainer:
         # Everything that can reject the run comes before any work.
         self.device = runtime.resolve_device(cfg.device, self.dist.local_rank)
         self.dtype = runtime.resolve_dtype(cfg.dtype, self.device)
-        runtime.preflight_kernels(cfg.kernels, self.device, cfg.n_embd // cfg.n_head)
+        runtime.preflight_kernels(cfg.kernels, self.device, cfg.n_embd // cfg.n_head, doc_mask=cfg.doc_mask)
         if cfg.grad_accum % self.dist.world_size:
             raise ConfigError(
                 f"grad_accum={cfg.grad_accum} must be a multiple of the {self.dist.world_size} "
@@ -259,7 +259,7 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
-            x, y = self.sampler.get(self.step * self.accum + micro)
+            x, y, doc_ids = self.sampler.batch(self.step * self.accum + micro)
             if self.debug_dir and self.step == 0:
                 self.batch_hashes.append(hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest())
             last = micro == self.accum - 1
@@ -268,7 +268,7 @@ class Trainer:
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync:
                 with runtime.autocast(self.device, self.dtype):
-                    _, loss = self.train_model(x, y)
+                    _, loss = self.train_model(x, y, doc_ids=doc_ids)
                 self.scaler.scale(loss / self.accum).backward()
             total += loss.detach().float()
         optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.grad_clip)
@@ -282,9 +282,9 @@ class Trainer:
         for split, sampler in self.eval_samplers.items():
             losses = torch.zeros(self.cfg.eval_iters, device=self.device)
             for i in range(self.cfg.eval_iters):
-                x, y = sampler.get(i)
+                x, y, doc_ids = sampler.batch(i)  # doc_ids as in training (cfg.doc_mask)
                 with runtime.autocast(self.device, self.dtype):
-                    losses[i] = self.eval_model(x, y)[1].float()
+                    losses[i] = self.eval_model(x, y, doc_ids=doc_ids)[1].float()
             out[split] = losses.mean().item()
         self.eval_model.train()
         return out
@@ -359,7 +359,8 @@ class Trainer:
             self.log.warn(self.lock.warning)
         say(f"model: {cfg.name}, {self.num_params:,} parameters ({self.num_params / 1e6:.2f}M), "
             f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}, "
-            f"vocabulary {self.corpus.vocab_size} (padded to {self.model.config.padded_vocab_size})")
+            f"vocabulary {self.corpus.vocab_size} (padded to {self.model.config.padded_vocab_size}), "
+            f"document masking {'on' if cfg.doc_mask else 'off'}")
         dtype = str(self.dtype).removeprefix("torch.")
         say(f"device: {self.device_name} ({self.device}), {dtype}"
             f"{' with GradScaler' if self.scaler.is_enabled() else ''}, kernels {cfg.kernels}, "
