@@ -126,8 +126,8 @@ def test_doc_mask_defaults():
     from tsfast.config import TrainConfig
 
     assert TrainConfig().doc_mask is False
-    assert {name: preset(name).doc_mask for name in ("tiny", "baby_gpu", "gpt2")} == {
-        "tiny": True, "baby_gpu": False, "gpt2": False}
+    assert {name: preset(name).doc_mask for name in ("tiny", "baby_cpu", "baby_gpu", "gpt2")} == {
+        "tiny": True, "baby_cpu": True, "baby_gpu": False, "gpt2": False}
 
 
 # ----------------------------------------------------------------------------- training, eval
