@@ -79,7 +79,6 @@ def open_corpus(cfg: TrainConfig, *, vocab_state: dict | None = None, prepare: b
 def samplers(corpus: Corpus, cfg: TrainConfig, *, rank: int, device: torch.device):
     """(train sampler for this rank, {"train": eval-train sampler, "val": val sampler})."""
     from tsfast.data.loader import BatchSampler
-
     from tsfast.data.tokenizer import EOT
 
     token_map = corpus.token_map()
