@@ -1,22 +1,36 @@
+# `uv run demo.py` reads this block (PEP 723) and sets up an environment with Gradio for it;
+# to `python demo.py` and the tests it is a comment.
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["tinystories-fast[demo,hf]"]
+#
+# [tool.uv.sources]
+# tinystories-fast = { path = ".", editable = true }
+# ///
 """Gradio demo: type the start of a story and watch a trained model continue it.
 
-    uv run demo.py [--ckpt out/ckpt.pt] [--device auto] [--host 127.0.0.1] [--port 7870] [--share]
+    uv run demo.py [--ckpt out/ckpt.pt] [--device auto] [--max-batch 8] [--host 127.0.0.1] [--port 7870] [--share]
 
 The page streams the story token by token and ends with a status line: tokens/s and the
 model's name, size and validation loss. Without a checkpoint the page still comes up and
 shows the command that trains one (`uv run train.py`); Generate tries to load it again, so
 a model trained while the demo runs is picked up.
 
-Users are queued: one generation runs at a time and each has its own cache and random
-generator, so stories never mix. Bad input never breaks the server: an empty prompt, a value
-out of a control's range (possible through the API), or a missing/incompatible checkpoint
-gives a message in the status line. A prompt longer than the context is cut from the left
+Users are served together: up to `--max-batch` stories are decoded as one batch, and a
+request that arrives while others are generating joins it at the next token (continuous
+batching, tsfast/batching.py); more users wait in the queue. Each story has its own row of
+the cache and its own random generator, so stories never mix and a seed gives the same
+story alone or together. Stop ends only that user's story. Bad input never breaks the
+server: an empty prompt, a value out of a control's range (possible through the API), or a
+missing/incompatible checkpoint gives a message in the status line, and a request that
+fails while generating ends with a message without touching the others. A prompt longer than the context is cut from the left
 (the model sees its newest tokens) and the status line says so. Typed `<|endoftext|>`,
 emoji and other scripts are ordinary text; tokens a compact-vocabulary model never saw are
 reported and shown to it as its one unknown token.
 
 API (gradio_client): `Client(url).predict(prompt, max_new_tokens, temperature, top_k, top_p,
-seed, api_name="/generate")` returns (story, status); `submit(...)` streams.
+seed, api_name="/generate")` returns (story, status); `submit(...)` streams, and
+`predict(api_name="/stop")` from the same Client is the Stop button.
 """
 
 from __future__ import annotations
@@ -31,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+
+from tsfast.clitools import check_bind, quiet_exits
 
 DEFAULT_PORT = 7870
 TRAIN_COMMAND = "uv run train.py"
@@ -103,23 +119,28 @@ def read_prompt(prompt) -> str:
 class StoryTeller:
     """Holds the model (loaded lazily, retried until it loads) and streams stories."""
 
-    def __init__(self, ckpt: str | Path, device: str = "auto"):
+    def __init__(self, ckpt: str | Path, device: str = "auto", max_batch: int = 8):
         self.ckpt = str(ckpt)
         self.device = device
+        self.max_batch = max_batch
         self._lock = threading.Lock()
         self.loaded = None
+        self.server = None  # a tsfast.batching.BatchServer once the model is loaded
         self.error: str | None = None
         self._stops: set[str | None] = set()  # sessions that pressed Stop
 
     def load(self):
         """The LoadedModel, or None with `self.error` set to why not."""
-        from tsfast.train.checkpoint import CheckpointError, load_for_inference
+        from tsfast.batching import BatchServer
+        from tsfast.hf.load import load_model
+        from tsfast.train.checkpoint import CheckpointError
 
         with self._lock:
             if self.loaded is None:
                 try:
-                    self.loaded = load_for_inference(self.ckpt, device=self.device)
-                    self.error = None
+                    loaded = load_model(self.ckpt, device=self.device)
+                    self.server = BatchServer(loaded.model, max_batch=self.max_batch, vocab=loaded.vocab)
+                    self.loaded, self.error = loaded, None
                 except (CheckpointError, ValueError, OSError) as e:
                     self.error = str(e)
             return self.loaded
@@ -195,18 +216,24 @@ class StoryTeller:
         yield from self._generate(prompt, settings, None if seed < 0 else seed, session)
 
     def _generate(self, prompt: str, settings: dict, seed: int | None, session: str | None):
+        from tsfast.batching import Request
         from tsfast.data.tokenizer import encode
-        from tsfast.generate import IncrementalDetokenizer, iter_tokens
+        from tsfast.generate import IncrementalDetokenizer
 
-        m = self.loaded
         ids = encode(prompt)
         notes = self.prompt_notes(ids)
         story, detok, count, stopped = prompt, IncrementalDetokenizer(), 0, False
         start = time.perf_counter()
+        stream = None
         try:
-            for token in iter_tokens(m.model, ids, seed=seed, vocab=m.vocab, **settings):
+            stream = self.server.submit(Request(ids, seed=seed, **settings))
+            for event in stream:
+                if event.error is not None:
+                    raise event.error
+                if event.token is None:
+                    continue
                 count += 1
-                story += detok.push(token)
+                story += detok.push(event.token)
                 if session in self._stops:
                     stopped = True
                     break
@@ -217,6 +244,8 @@ class StoryTeller:
             yield story, f"⚠️ Generation failed ({type(e).__name__}: {e}). The server is still running."
             return
         finally:
+            if stream is not None:
+                stream.cancel()  # Stop, or the client went away: the story leaves the batch
             self._stops.discard(session)
         elapsed = time.perf_counter() - start
         if stopped:
@@ -233,9 +262,9 @@ def _session(request: gr.Request | None) -> str | None:
     return request.session_hash if request is not None else None
 
 
-def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto") -> gr.Blocks:
-    """The demo's page (not launched)."""
-    teller = StoryTeller(ckpt, device)
+def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto", max_batch: int = 8) -> gr.Blocks:
+    """The demo's page (not launched); up to `max_batch` stories are generated together."""
+    teller = StoryTeller(ckpt, device, max_batch)
     with gr.Blocks(title="tsfast · TinyStories") as app:
         gr.Markdown("# TinyStories, continued by a small GPT\nType the start of a story and press **Generate**.")
         info = gr.Markdown(teller.info(), elem_id="model-info")
@@ -265,23 +294,27 @@ def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto") -> gr.Bloc
             inputs=[prompt, max_tokens, temperature, top_k, top_p, seed],
             outputs=[story, status],
             api_name="generate",
-            concurrency_limit=1,
+            concurrency_limit=max_batch,  # one batch row per running request; the rest queue
         )
-        stop.click(teller.request_stop, queue=False, api_name=False)
+        stop.click(teller.request_stop, queue=False, api_name="stop")
         app.load(teller.info, outputs=[info], api_name=False)
     return app
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Gradio demo of a tsfast checkpoint.")
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint path (default: %(default)s)")
+    p.add_argument("--ckpt", default="out/ckpt.pt",
+                   help="a checkpoint, an exported directory or a Hub repo id (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cuda, mps or cpu (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="stories generated together at most; more users wait in the queue (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on; 0.0.0.0 for the network (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link (off by default)")
     return p.parse_args(argv)
 
 
+@quiet_exits
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s")
@@ -295,7 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.port <= 65535:
         print(f"error: --port must be from 1 to 65535, got {args.port}", file=sys.stderr)
         return 2
-    app = build_app(args.ckpt, args.device)
+    if args.max_batch < 1:
+        print(f"error: --max-batch must be at least 1, got {args.max_batch}", file=sys.stderr)
+        return 2
+    problem = check_bind(args.host, args.port)
+    if problem:
+        print(f"error: {problem[1]}", file=sys.stderr)
+        return problem[0]
+    app = build_app(args.ckpt, args.device, args.max_batch)
     try:
         app.queue(max_size=64).launch(server_name=args.host, server_port=args.port, share=args.share)
     except OSError as e:

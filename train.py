@@ -1,3 +1,12 @@
+# `uv run train.py` reads this block (PEP 723) and sets up an environment with only what
+# training needs; add an extra with `--with`, e.g. `uv run --with 'tinystories-fast[hf]' train.py`.
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["tinystories-fast"]
+#
+# [tool.uv.sources]
+# tinystories-fast = { path = ".", editable = true }
+# ///
 """Train a GPT on TinyStories: `uv run train.py --help` lists the flags.
 
     uv run train.py                                  # tiny on a CPU, baby_gpu on a CUDA GPU

@@ -1,4 +1,5 @@
-"""Tokens per second of `tsfast.generate`, with and without the KV cache.
+"""Tokens per second of `tsfast.generate`, with and without the KV cache; of batched decoding
+(`tsfast.batching`) against one sequence at a time; and the demo's time for 8 users.
 
     uv run pytest benchmarks/test_generate.py --benchmark-only
 
@@ -18,17 +19,25 @@ tokens on baby_cpu).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from tsfast import ops
+from tsfast.batching import BatchDecoder, Request
 from tsfast.config import preset
 from tsfast.generate import Decoder, generate, iter_tokens
 from tsfast.model import GPT
 
+REPO = Path(__file__).resolve().parent.parent
 MODELS = ("tiny", "baby_cpu")
 NEW_TOKENS = (100, 500)
 PROMPT = [464, 3290, 373, 257, 1310, 2576, 508, 6151, 284, 711, 11, 290, 673, 550, 257, 3797]
@@ -101,3 +110,170 @@ def test_generate(benchmark, record_bench, name, new_tokens, use_cache):
                  mode=f"{new_tokens} new tokens", shape=name, dims=dict(prompt=len(prompt)),
                  dtype="float32", median_ms=1e3 * seconds, rate=tps, rate_unit="tok/s", peak_mb=None,
                  **info)
+
+
+# ----------------------------------------------------------------------------- batched decoding
+# tsfast.batching: B sequences decoded together against the same sequences one at a time.
+# Each round first runs one sequence alone (pytest-benchmark's untimed `setup`, timed here),
+# then the batch (the timed round), so both are measured under the same load; the rows are
+# written to .benchmarks/generate_batched.json (plot: benchmarks/plots/generate_batched.png).
+
+BATCHES = (1, 2, 4, 8)
+BATCH_NEW_TOKENS = 64
+BATCH_ROUNDS = 3
+_one_at_a_time: dict[str, list[float]] = {}
+
+
+def _prompts(model: GPT, n: int) -> list[list[int]]:
+    """n different 16-token prompts (so every sequence runs its own prefill)."""
+    gen = torch.Generator().manual_seed(n)
+    return [torch.randint(0, model.config.vocab_size, (len(PROMPT),), generator=gen).tolist() for _ in range(n)]
+
+
+def _latencies(step_ends: list[float], start: float) -> tuple[float, float]:
+    """(seconds to the first token, median seconds between tokens after it)."""
+    gaps = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
+    return step_ends[0] - start, statistics.median(gaps)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_batched(benchmark, record_bench, name, batch):
+    model = model_for(name)
+    prompts = _prompts(model, batch)
+    options = dict(temperature=0.8, top_k=50, eos_id=None)
+    requests = [Request(p, BATCH_NEW_TOKENS, seed=i, **options) for i, p in enumerate(prompts)]
+    alone, together = [], []  # (seconds, first-token latency, per-token latency) per round
+
+    def one_at_a_time():
+        start = time.perf_counter()
+        ends = []
+        for _ in iter_tokens(model, prompts[0], max_new_tokens=BATCH_NEW_TOKENS, seed=0, **options):
+            ends.append(time.perf_counter())
+        alone.append((ends[-1] - start, *_latencies(ends, start)))
+
+    def batched():
+        decoder = BatchDecoder(model, max_batch=batch)
+        for r in requests:
+            decoder.add(r)
+        start = time.perf_counter()
+        ends = []
+        while decoder.busy:
+            decoder.step()
+            ends.append(time.perf_counter())
+        together.append((ends[-1] - start, *_latencies(ends, start)))
+
+    with ops.use("auto"):
+        batched()  # warm-up (first-call costs), untimed
+        one_at_a_time()
+        alone.clear(), together.clear()
+        benchmark.pedantic(batched, setup=one_at_a_time, rounds=BATCH_ROUNDS, iterations=1, warmup_rounds=0)
+    med = {key: [statistics.median(r[i] for r in rows) for i in range(3)] for key, rows in
+           (("alone", alone), ("together", together))}
+    tokens = batch * BATCH_NEW_TOKENS
+    alone_tps = BATCH_NEW_TOKENS / med["alone"][0]
+    together_tps = tokens / med["together"][0]
+    _one_at_a_time.setdefault(name, []).append(alone_tps)
+    common = dict(suite="generate_batched", op="generate_batched", mode=f"{batch} sequences", shape=name,
+                  dims=dict(batch=batch, prompt=len(PROMPT), new_tokens=BATCH_NEW_TOKENS), dtype="float32",
+                  peak_mb=None, rate_unit="tok/s", batch=batch, threads=torch.get_num_threads(),
+                  load_avg_1min=os.getloadavg()[0], rounds=BATCH_ROUNDS)
+    record_bench(provider="one_at_a_time", median_ms=1e3 * batch * med["alone"][0], rate=alone_tps,
+                 tokens_per_s=alone_tps, first_token_ms=1e3 * med["alone"][1], per_token_ms=1e3 * med["alone"][2],
+                 **common)
+    record_bench(provider="batched", median_ms=1e3 * med["together"][0], rate=together_tps,
+                 tokens_per_s=together_tps, first_token_ms=1e3 * med["together"][1],
+                 per_token_ms=1e3 * med["together"][2], speedup_vs_one_at_a_time=together_tps / alone_tps, **common)
+
+
+# ----------------------------------------------------------------------------- the demo, 8 users
+# demo.py in a subprocess (so that the clients' work does not share its interpreter), with a
+# random-weight model of the preset's shape and no story ending before Max New Tokens; 8
+# gradio_client users submit at once. "together": --max-batch 8; "queued": --max-batch 1 (one
+# story at a time, as the demo served before batching). Rounds alternate between the two.
+
+DEMO_USERS = 8
+DEMO_NEW_TOKENS = 64
+DEMO_ROUNDS = 3
+DEMO_LAUNCH = """
+import dataclasses, runpy, sys
+import torch
+import tsfast.hf.load
+from tsfast.batching import BatchDecoder
+from tsfast.config import preset
+from tsfast.data.vocab import CompactVocab
+from tsfast.model import GPT
+from tsfast.train.checkpoint import LoadedModel
+
+def random_model(name, device="auto"):
+    cfg = preset(str(name))
+    vocab = CompactVocab(list(range(TINY_VOCAB - 2)) + [50256]) if cfg.vocab == "compact" else None
+    torch.manual_seed(0)
+    model = GPT(cfg.model_config(vocab.size if vocab else 50257)).eval()
+    return LoadedModel(model, vocab, str(name), model.num_params(), None, 0, {})
+
+real_add = BatchDecoder.add
+def add(self, request, key=None):
+    return real_add(self, dataclasses.replace(request, eos_id=None), key)
+tsfast.hf.load.load_model, BatchDecoder.add = random_model, add
+sys.argv = ["demo.py", *sys.argv[1:]]
+runpy.run_path("demo.py", run_name="__main__")
+""".replace("TINY_VOCAB", str(TINY_VOCAB))
+
+
+@contextlib.contextmanager
+def demo_server(name: str, max_batch: int):
+    import requests
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-c", DEMO_LAUNCH, "--ckpt", name, "--device", "cpu", "--port", str(port),
+                             "--max-batch", str(max_batch)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, f"demo.py exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "demo.py did not serve within 180 s"
+            try:
+                if requests.get(url, timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        yield [Client(url, verbose=False) for _ in range(DEMO_USERS)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _serve_users(clients) -> float:
+    """Seconds from the first submit until the last story is complete."""
+    start = time.perf_counter()
+    jobs = [c.submit("Once upon a time", DEMO_NEW_TOKENS, 0.8, 200, 1.0, seed, api_name="/generate")
+            for seed, c in enumerate(clients)]
+    for job in jobs:
+        story, status = job.result(timeout=600)
+        assert f"{DEMO_NEW_TOKENS} tokens in" in status, status
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_demo_users(benchmark, record_bench, name):
+    queued_s, together_s = [], []
+    with demo_server(name, 1) as queued, demo_server(name, DEMO_USERS) as together:
+        _serve_users(queued[:1]), _serve_users(together[:1])  # warm-up: first-call costs
+        benchmark.pedantic(lambda: together_s.append(_serve_users(together)),
+                           setup=lambda: queued_s.append(_serve_users(queued)),
+                           rounds=DEMO_ROUNDS, iterations=1, warmup_rounds=0)
+    tokens = DEMO_USERS * DEMO_NEW_TOKENS
+    common = dict(suite="generate_batched", op="demo", mode=f"{DEMO_USERS} users", shape=name, dtype="float32",
+                  dims=dict(users=DEMO_USERS, new_tokens=DEMO_NEW_TOKENS), peak_mb=None, rate_unit="tok/s",
+                  threads=torch.get_num_threads(), load_avg_1min=os.getloadavg()[0], rounds=DEMO_ROUNDS)
+    q, t = statistics.median(queued_s), statistics.median(together_s)
+    record_bench(provider="queued", median_ms=1e3 * q, rate=tokens / q, last_finish_s=q, **common)
+    record_bench(provider="together", median_ms=1e3 * t, rate=tokens / t, last_finish_s=t,
+                 finish_ratio_vs_queued=t / q, **common)

@@ -46,8 +46,6 @@ def _loss_and_grads(fn, model, idx, targets, doc_ids):
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("doc_mask", [False, True], ids=["plain", "doc_ids"])
 def test_gpt_step_has_no_graph_break_and_matches_eager(backend, doc_mask, monkeypatch):
-    if backend == "triton" and doc_mask:
-        pytest.skip("document masking is not in the Triton kernel yet")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, idx, targets, doc_ids = _model_and_batch(device, doc_mask)
 

@@ -125,11 +125,11 @@ def test_damaged_data_is_refused(data_dir, tmp_path):
     tokens.tofile(copy / "val.bin")
     with pytest.raises(DataError, match=r"val\.bin holds token id \d+, outside GPT-2's vocabulary"):
         TokenData(copy)
-    TokenData(copy, check_tokens=False)  # the cheap check (sizes) alone passes
+    TokenData(copy, check_tokens=False, check_sha256=False)  # the size check alone passes
     with open(copy / "train.bin", "ab") as handle:
         handle.write(b"\0\0")
     with pytest.raises(DataError, match=r"train\.bin has \d+ bytes but .*meta\.json says"):
-        TokenData(copy, check_tokens=False)
+        TokenData(copy, check_tokens=False, check_sha256=False)
     (copy / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match=r"meta\.json is unreadable"):
         TokenData(copy)
@@ -149,3 +149,63 @@ def test_cuda_batches_equal_cpu_batches(data_dir):
         assert x.device.type == "cuda" and y.device.type == "cuda"
         cx, cy = on_cpu.get(step)
         assert torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
+
+
+def _edit_meta(directory, **changes):
+    meta = json.loads((directory / "meta.json").read_text())
+    for dotted, value in changes.items():
+        *path, key = dotted.split(".")
+        target = meta
+        for part in path:
+            target = target[part]
+        target[key] = value
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+# case: (damage to a copy of a prepared corpus, words of the one-line DataError)
+DAMAGE = {
+    "empty val split": (lambda d: ((d / "val.bin").write_bytes(b""), _edit_meta(d, **{"splits.val.tokens": 0})),
+                        "split 'val': tokens is 0, expected a whole number >= 1 (an empty split"),
+    "splits a list": (lambda d: _edit_meta(d, splits=[]), "splits is [], expected an object with train and val"),
+    "file a number": (lambda d: _edit_meta(d, **{"splits.train.file": 123}),
+                      "split 'train': file is 123, expected a file name inside"),
+    "file outside": (lambda d: _edit_meta(d, **{"splits.val.file": "../val.bin"}),
+                     "split 'val': file is '../val.bin', expected a file name inside"),
+    "tokens a float": (lambda d: _edit_meta(d, **{"splits.train.tokens": 1.5}), "tokens is 1.5"),
+    "counts of zeros": (lambda d: np.save(d / "counts.npy", np.zeros(50257, dtype=np.int64)),
+                        "counts.npy counts 0 tokens (0 distinct) but"),
+    "train.bin of other ids": (lambda d: np.random.default_rng().integers(0, 50257, (d / "train.bin").stat().st_size // 2,
+                                                                          dtype=np.uint16).tofile(d / "train.bin"),
+                               "train.bin: sha256 "),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_every_field_training_reads_is_checked(data_dir, tmp_path, case):
+    damage, words = DAMAGE[case]
+    copy = _copy(data_dir, tmp_path)
+    damage(copy)
+    with pytest.raises(DataError) as err:
+        TokenData(copy)
+        CompactVocab.from_prepared(copy)
+    message = str(err.value)
+    assert words in message and "\n" not in message, message
+    assert message.endswith(f"prepare it again with `uv run python -m tsfast.data.prepare --dataset synthetic "
+                            f"--out {tmp_path}`")
+
+
+def test_damaged_data_stops_train_py_and_prepare_check(data_dir, tmp_path, capsys):
+    from tsfast.data import prepare as prep
+    from tsfast.train.cli import main
+
+    copy = _copy(data_dir, tmp_path)
+    np.save(copy / "counts.npy", np.zeros(50257, dtype=np.int64))
+    out = tmp_path / "out"
+    assert main(["--config", "tiny", "--data", str(copy), "--device", "cpu", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py: error: {copy / 'counts.npy'} counts 0 tokens") and err.count("\n") == 1
+    assert not out.exists()  # refused before it wrote anything
+    _edit_meta(copy, splits=[])
+    assert prep.main(["--check", "--dataset", "synthetic", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "splits is [], expected an object with train and val" in err and "Traceback" not in err

@@ -20,6 +20,7 @@ from tsfast.data import sources
 from tsfast.data.loader import TokenData
 from tsfast.data.meta import validate
 from tsfast.data.tokenizer import EOT, decode, encode
+from tsfast.files import remove_stale_temporaries
 
 WORDS = ["Lily", "Tom", "ball", "happy", "ran", "the", "park", "café", "naïve", "日本",
          "😀", "Привет", "don't", "42", "3.5", "dog's", "!", "?", ",", '"', "(hi)", "—"]
@@ -332,6 +333,25 @@ def test_temporaries_of_live_runs_are_kept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / f".val.bin.tmp-{dead.pid}").write_bytes(b"x")
-    prep._remove_stale_temporaries(tmp_path)
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / f".val.bin.tmp-{dead.pid}"]
     assert [p.name for p in tmp_path.iterdir()] == [".train.bin.tmp-1"]
     os.remove(tmp_path / ".train.bin.tmp-1")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "", "/tmp/abs"])
+def test_name_must_stay_inside_out(corpus, tmp_path, capsys, name):
+    out = tmp_path / "data" / "inner"
+    code = prep.main(["--train", str(corpus["train_file"]), "--valid", str(corpus["valid_file"]), "--out", str(out),
+                      "--name", name, "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert f"error: --name {name!r}: must be a plain directory name, created inside --out" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt", "valid.txt"]
+
+
+def test_a_failed_prepare_leaves_no_empty_directories(corpus, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    code = prep.main(["--train", str(corpus["train_file"]), "--valid", str(tmp_path / "empty.txt"),
+                      "--out", str(tmp_path / "new" / "data"), "--workers", "1", "--no-progress"])
+    assert code == 1 and "no stories for the val split" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "train.txt", "valid.txt"]

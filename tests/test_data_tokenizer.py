@@ -1,6 +1,7 @@
 """GPT-2 tokenizer: known ids, byte-level round trips, offline loading and its errors."""
 
 import hashlib
+import importlib.util
 import random
 import subprocess
 import sys
@@ -63,11 +64,10 @@ def test_decode_accepts_arrays_and_tensors():
     assert decode(np.array(ids, dtype=np.uint16)) == decode(torch.tensor(ids)) == "A small cat."
 
 
-def test_loads_offline_from_the_whisper_package_without_importing_it():
+def test_loads_offline_from_the_packaged_ranks():
     code = (
-        "import sys; from tsfast.data.tokenizer import get_tokenizer, packaged_ranks_path;"
-        "e = get_tokenizer(); print(packaged_ranks_path()); "
-        "assert 'whisper' not in sys.modules, 'whisper was imported'; print(e.encode('Lily'))"
+        "from tsfast.data.tokenizer import get_tokenizer, packaged_ranks_path;"
+        "e = get_tokenizer(); print(packaged_ranks_path()); print(e.encode('Lily'))"
     )
     # An unreachable proxy proves no download is attempted on the offline path.
     env = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
@@ -76,8 +76,16 @@ def test_loads_offline_from_the_whisper_package_without_importing_it():
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     path, ids = result.stdout.split("\n")[:2]
-    assert path.endswith("whisper/assets/gpt2.tiktoken")
+    assert path.endswith("tsfast/data/gpt2.tiktoken")
     assert ids == str(encode("Lily"))
+
+
+def test_packaged_ranks_are_gpt2s_and_ship_with_their_license():
+    path = tokenizer.packaged_ranks_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == tokenizer.RANKS_SHA256
+    assert "MIT" in path.with_name("gpt2.tiktoken.LICENSE").read_text()
+    # No numba/llvmlite (openai-whisper's dependencies) needed for the tokenizer any more.
+    assert importlib.util.find_spec("whisper") is None
 
 
 @pytest.fixture
@@ -94,7 +102,7 @@ def _offline(*args, **kwargs):
 def test_clear_error_when_no_ranks_are_available(monkeypatch, fresh_cache):
     monkeypatch.setattr(tokenizer, "packaged_ranks_path", lambda: None)
     monkeypatch.setattr(tiktoken, "get_encoding", _offline)
-    with pytest.raises(TokenizerUnavailable, match="openai-whisper.*not installed.*uv sync"):
+    with pytest.raises(TokenizerUnavailable, match="gpt2.tiktoken is missing.*reinstall tsfast"):
         get_tokenizer()
 
 
@@ -103,13 +111,14 @@ def test_damaged_ranks_file_is_rejected_by_checksum(monkeypatch, fresh_cache, tm
     damaged = tmp_path / "gpt2.tiktoken"
     damaged.write_bytes(real[:-40])  # one rank line lost
     assert hashlib.sha256(damaged.read_bytes()).hexdigest() != tokenizer.RANKS_SHA256
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's cache must not answer for the file
     monkeypatch.setattr(tokenizer, "packaged_ranks_path", lambda: damaged)
     monkeypatch.setattr(tiktoken, "get_encoding", _offline)
-    with pytest.raises(TokenizerUnavailable, match=f"{damaged}: sha256 .*reinstall"):
+    with pytest.raises(TokenizerUnavailable, match=f"{damaged}: not GPT-2's ranks file.*damaged.*reinstall"):
         get_tokenizer()
 
 
-def test_falls_back_to_tiktoken_when_the_package_is_missing(monkeypatch, fresh_cache):
+def test_falls_back_to_tiktoken_when_the_packaged_file_is_missing(monkeypatch, fresh_cache):
     sentinel = object()
     monkeypatch.setattr(tokenizer, "packaged_ranks_path", lambda: None)
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: sentinel if name == "gpt2" else None)

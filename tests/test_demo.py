@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import random
 import re
@@ -15,6 +16,7 @@ import pytest
 import requests
 import torch
 from gradio_client import Client
+from train_helpers import save_edited
 from trained_checkpoint import REPO, trained_ckpt  # noqa: F401  (fixture)
 
 GOOD = {"max_new_tokens": 20, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 7}
@@ -166,8 +168,7 @@ def test_incompatible_checkpoints(demo_mod, trained_ckpt, tmp_path):  # noqa: F8
     torch.save({"weights": torch.zeros(3)}, other)
     mismatched = tmp_path / "mismatched.pt"
     ckpt = torch.load(trained_ckpt, weights_only=True)
-    ckpt["model_config"] = dict(ckpt["model_config"], n_embd=2 * ckpt["model_config"]["n_embd"])
-    torch.save(ckpt, mismatched)
+    save_edited(mismatched, ckpt, model_config=dict(ckpt["model_config"], n_embd=2 * ckpt["model_config"]["n_embd"]))
     expected = {junk: "not a readable checkpoint", other: "not a tsfast checkpoint", mismatched: "does not fit"}
     for path, message in expected.items():
         with serving(demo_mod, path) as (client, url):
@@ -179,19 +180,40 @@ def test_incompatible_checkpoints(demo_mod, trained_ckpt, tmp_path):  # noqa: F8
 @pytest.fixture
 def produced(monkeypatch) -> list[int]:
     """The tokens the server generates, recorded; and no end-of-text, so a story runs
-    until Max New Tokens or a stop (a model trained a few steps often ends one at once)."""
-    import tsfast.generate
+    until Max New Tokens or a stop (a model trained a few steps often ends one at once).
+    `produced.batches` gets the number of stories in every decoding step."""
+    from tsfast.batching import BatchDecoder
 
-    tokens = []
-    real = tsfast.generate.iter_tokens
+    tokens = ProducedTokens()
+    real_add, real_step = BatchDecoder.add, BatchDecoder.step
 
-    def counting(*args, **kwargs):
-        for token in real(*args, **kwargs, eos_id=None):
-            tokens.append(token)
-            yield token
+    def add(self, request, key=None):
+        return real_add(self, dataclasses.replace(request, eos_id=None), key)
 
-    monkeypatch.setattr(tsfast.generate, "iter_tokens", counting)
+    def step(self):
+        tokens.batches.append(len(self.rows) + len(self.pending))
+        events = real_step(self)
+        tokens.extend(ev.token for ev in events if ev.token is not None)
+        return events
+
+    monkeypatch.setattr(BatchDecoder, "add", add)
+    monkeypatch.setattr(BatchDecoder, "step", step)
     return tokens
+
+
+class ProducedTokens(list):
+    def __init__(self):
+        super().__init__()
+        self.batches: list[int] = []
+
+
+def settles(produced: list) -> int:
+    """The number of tokens produced once the server has stopped producing them."""
+    time.sleep(1.0)
+    settled = len(produced)
+    time.sleep(1.0)
+    assert settled == len(produced)
+    return settled
 
 
 def test_cancel_from_the_client_stops_the_server(server, produced):
@@ -200,11 +222,27 @@ def test_cancel_from_the_client_stops_the_server(server, produced):
     while len(produced) < 3 and not job.done():
         time.sleep(0.02)
     job.cancel()
-    time.sleep(1.0)
-    settled = len(produced)
-    time.sleep(1.0)
-    assert 3 <= settled == len(produced) < 500  # the server stopped generating
+    assert 3 <= settles(produced) < 500  # the server stopped generating
     assert FINAL.match(ask(client, max_new_tokens=10)[1])  # and serves the next request
+
+
+def test_damaged_or_edited_checkpoints_are_named_in_the_page(demo_mod, trained_ckpt, tmp_path):  # noqa: F811
+    from test_train_checkpoint import damage_tensor_bytes
+
+    ckpt = torch.load(trained_ckpt, weights_only=True)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(trained_ckpt.read_bytes())
+    damage_tensor_bytes(damaged, ckpt["model"]["wte.weight"])
+    no_vocab = save_edited(tmp_path / "no_vocab.pt", ckpt, vocab=None)
+    text_loss = save_edited(tmp_path / "text_loss.pt", ckpt, val_loss="low")
+    expected = {damaged: "is damaged: its contents do not match the checksum",
+                no_vocab: "vocab is None, expected the compact vocabulary map",
+                text_loss: "val_loss is 'low', expected None or a finite number >= 0"}
+    for path, message in expected.items():
+        teller = demo_mod.StoryTeller(path, "cpu")
+        assert message in teller.info() and "No model to run" in teller.info()
+        story, status = list(teller.stream("Once upon a time", **{k: v for k, v in GOOD.items()}))[-1]
+        assert story == "" and message in status
 
 
 def test_command_line_errors(demo_mod, capsys, trained_ckpt):  # noqa: F811
@@ -212,6 +250,12 @@ def test_command_line_errors(demo_mod, capsys, trained_ckpt):  # noqa: F811
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert demo_mod.main(["--port", "70000"]) == 2
     assert "--port must be from 1 to 65535" in capsys.readouterr().err
+    assert demo_mod.main(["--host", "256.1.1.1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host '256.1.1.1' is not an IP address or a name this machine can resolve")
+    assert "Cannot find empty port" not in err and err.count("\n") == 1
+    assert demo_mod.main(["--host", "192.0.2.1", "--device", "cpu"]) == 2  # TEST-NET-1: nobody's address
+    assert capsys.readouterr().err.startswith("error: --host 192.0.2.1 is not an address of this machine")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -230,10 +274,54 @@ def test_stop_flag_ends_the_stream_with_a_final_status(demo_mod, trained_ckpt, p
     assert [s for _, s in first][-1].startswith("Generating… 3 tokens")
     teller.request_stop()
     rest = list(stream)
-    assert len(rest) == 1 and len(produced) == 4
+    assert len(rest) == 1 and 4 <= settles(produced) < 500  # the batch may run ahead of the reader
     story, status = rest[0]
     assert re.match(r"4 tokens in [\d.]+ s · \*\*[\d.]+ tokens/s\*\* · stopped · model \*\*tiny\*\*", status), status
     assert story.startswith(first[-1][0])
     teller.request_stop()  # a Stop after the end is forgotten by the next Generate
     teller.begin()
     assert FINAL.match(list(teller.stream("Once upon a time", 10, 0.8, 200, 1.0, 1))[-1][1])
+
+
+def test_eight_users_at_once_one_stops_one_sends_a_bad_value_one_fails(server, produced, monkeypatch):
+    """8 gradio_client users at the same time, each its own session: their stories are decoded
+    together and equal the ones each seed gives alone; one presses Stop (only its story
+    ends), one sends a bad value and one's prompt breaks the model: each of them gets its
+    own message and nobody else notices."""
+    from tsfast.model import GPT
+
+    client, url = server
+    from tsfast.data.tokenizer import encode
+
+    boom = "Boom! goes the model, and the story is over before it started."
+    boom_len = len(encode(boom))  # the prefill of this length fails (the others are 4 and 96 long)
+    assert boom_len not in (len(encode("Once upon a time")), 96)
+    real_forward = GPT.forward
+
+    def forward(self, idx, *args, **kwargs):
+        if idx.shape[1] == boom_len:
+            raise RuntimeError("this prompt breaks the model")
+        return real_forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    seeds = random.sample(range(10**6), 5)
+    alone = [ask(client, seed=s, max_new_tokens=40)[0] for s in seeds]
+    users = [Client(url, verbose=False) for _ in range(8)]
+    produced.batches.clear()
+    jobs = [users[i].submit("Once upon a time", 40, 0.8, 200, 1.0, s, api_name="/generate") for i, s in enumerate(seeds)]
+    stopper = users[5].submit("Once upon a time", 500, 0.8, 200, 1.0, 1, api_name="/generate")
+    bad = users[6].submit("Once upon a time", 40, 0.8, 200, 1.0, 1.5, api_name="/generate")
+    failing = users[7].submit(boom, 40, 0.8, 200, 1.0, 1, api_name="/generate")
+    while sum(o[1].startswith("Generating") for o in stopper.outputs()) < 3:
+        time.sleep(0.02)
+    users[5].predict(api_name="/stop")
+    results = [job.result(timeout=120) for job in jobs]
+    assert [story for story, _ in results] == alone
+    assert all(FINAL.match(status) for _, status in results)
+    story, status = stopper.result(timeout=120)
+    assert "· stopped ·" in status and 3 <= int(status.split()[0]) < 500
+    assert bad.result(timeout=120) == ("", "⚠️ Seed must be a whole number from -1 to 2147483647; got 1.5.")
+    story, status = failing.result(timeout=120)
+    assert story == boom and status.startswith("⚠️ Generation failed (RuntimeError: this prompt breaks the model)")
+    assert max(produced.batches) >= 4  # decoded together, not one after another
+    assert FINAL.match(ask(client, max_new_tokens=10)[1])  # and the server serves on

@@ -42,14 +42,15 @@ def free_port() -> int:
 # streaming to press Stop. Page, server, streaming and Stop are all the real ones.
 PACE_S = 0.02
 LAUNCH = f"""
-import runpy, sys, time
-import tsfast.generate as generate
-real = generate.iter_tokens
-def paced(*args, **kwargs):
-    for token in real(*args, **kwargs, eos_id=None):
-        time.sleep({PACE_S})
-        yield token
-generate.iter_tokens = paced
+import dataclasses, runpy, sys, time
+from tsfast.batching import BatchDecoder
+real_add, real_step = BatchDecoder.add, BatchDecoder.step
+def add(self, request, key=None):
+    return real_add(self, dataclasses.replace(request, eos_id=None), key)
+def paced(self):
+    time.sleep({PACE_S})
+    return real_step(self)
+BatchDecoder.add, BatchDecoder.step = add, paced
 sys.argv = ["demo.py", *sys.argv[1:]]
 runpy.run_path("demo.py", run_name="__main__")
 """

@@ -18,6 +18,7 @@ from tsfast.generate import (
     iter_tokens,
     prompt_fit,
     sample_next,
+    sample_rows,
     stream_text,
     window_keep,
 )
@@ -178,6 +179,20 @@ def test_sample_next_filters():
     assert abs(draws.count(int(where[3])) / len(draws) - 0.05) < 0.015
 
 
+def test_sample_rows_draws_what_sample_next_draws_row_by_row():
+    V, B = random.choice([97, 1000]), 17
+    logits = torch.randn(B, V) * 3
+    settings = [(random.choice([0.0, 0.5, 1.0, 1.3]), random.choice([None, 0, 1, 7, 50, V + 5]),
+                 random.choice([None, 1.0, 0.3, 0.9])) for _ in range(B)]
+    seeds = [random.randint(0, 2**31) for _ in range(B)]
+    gens_a = [torch.Generator().manual_seed(s) for s in seeds]
+    gens_b = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(3):  # three draws from each generator
+        want = [sample_next(logits[i], temperature=t, top_k=k, top_p=p, generator=gens_a[i])
+                for i, (t, k, p) in enumerate(settings)]
+        assert sample_rows(logits, settings, gens_b) == want
+
+
 @pytest.mark.parametrize(
     "bad, word",
     [
@@ -305,3 +320,25 @@ def test_prompt_fit_reports_dropped_and_unknown_tokens():
     long = random.choices(kept, k=BLOCK + 7)
     assert prompt_fit(model, long, vocab) == (BLOCK + 7 - window_keep(BLOCK), 0)
     assert Decoder(model, vocab.to_compact(long).tolist()).truncated == BLOCK + 7 - window_keep(BLOCK)
+
+
+def test_prompt_fit_counts_unknown_tokens_among_the_kept_ones_only():
+    vocab = random_vocab(100)
+    model = random_model("rope", vocab_size=vocab.size)
+    known = random.choices(vocab.gpt2_ids.tolist(), k=window_keep(BLOCK))
+    unknown = [i for i in range(1000) if i not in set(vocab.gpt2_ids.tolist())]
+    cut, kept_unknown = random.randint(BLOCK - window_keep(BLOCK) + 1, 40), random.randint(1, 5)
+    prompt = random.sample(unknown, cut) + random.sample(unknown, kept_unknown) + known[kept_unknown:]
+    assert prompt_fit(model, prompt, vocab) == (cut, kept_unknown)  # not cut + kept_unknown
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-45, 1e-300, 5e-324, 1e-38])
+def test_temperatures_that_underflow_act_greedy(temperature):
+    logits = torch.randn(1000) * 5
+    logits[random.randrange(1000)] = 30.0  # one clear favourite
+    gen = torch.Generator().manual_seed(random.randint(0, 2**31))
+    for top_k, top_p in ((None, None), (50, None), (None, 0.9)):
+        assert sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen) == int(logits.argmax())
+    model = random_model("rope")
+    assert generate(model, [1, 2, 3], max_new_tokens=5, temperature=temperature, seed=1) == \
+        generate(model, [1, 2, 3], max_new_tokens=5, temperature=0)

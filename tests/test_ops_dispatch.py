@@ -200,7 +200,7 @@ def test_triton_path_applies_autocast_like_torch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     seen = {}
 
-    def linear_forward(x2, ln_weight, ln_bias, weight, bias, *, gelu, eps):
+    def linear_forward(x2, ln_weight, ln_bias, weight, bias, *, activation, eps):
         seen["layernorm_linear"] = [t.dtype for t in (x2, ln_weight, ln_bias, weight)]
         y = reference64.layernorm_linear(x2, ln_weight, ln_bias, weight.float()).to(weight.dtype)
         stats = torch.zeros(x2.shape[0])

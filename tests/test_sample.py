@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import re
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 import torch
 from trained_checkpoint import REPO, quiet_env, trained_ckpt  # noqa: F401  (fixture)
 
-RATE_LINE = re.compile(r"^(\d+) sample\(s\), (\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s \((KV cache|no KV cache), cpu\)$")
+RATE_LINE = re.compile(r"^(\d+) sample\(s\), (\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s "
+                       r"\((KV cache, batch \d+|no KV cache, one at a time), cpu\)$")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def test_sample_py_end_to_end(trained_ckpt):  # noqa: F811
     rate = RATE_LINE.match(lines[-1])
     assert rate, lines[-1]
     assert rate.group(1) == "2" and 0 < int(rate.group(2)) <= 50 and float(rate.group(3)) > 0
+    assert rate.group(4) == "KV cache, batch 2"
 
 
 def test_same_seed_same_stories(sample_mod, capsys, trained_ckpt):  # noqa: F811
@@ -105,7 +108,22 @@ def test_prompt_longer_than_the_context(sample_mod, capsys, trained_ckpt):  # no
 def test_cache_and_no_cache_report_their_speed(sample_mod, capsys, trained_ckpt):  # noqa: F811
     args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "1", "--max-new-tokens", "8"]
     _, out, _ = run_main(sample_mod, capsys, *args, "--no-cache")
-    assert RATE_LINE.match(out.splitlines()[-1]).group(4) == "no KV cache"
+    assert RATE_LINE.match(out.splitlines()[-1]).group(4) == "no KV cache, one at a time"
+
+
+def test_batch_size_changes_nothing_but_the_speed(sample_mod, capsys, trained_ckpt):  # noqa: F811
+    """The samples of one run, decoded one at a time, all together, or 2 at a time (later
+    ones joining as earlier ones end), and without the cache: the same stories in order."""
+    args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "3", "--max-new-tokens",
+            str(random.randint(10, 30)), "--temperature", "1.0", "--seed", str(random.randint(0, 10**6))]
+    outs = []
+    for extra in (["--batch-size", "1"], ["--batch-size", "3"], ["--batch-size", "2"], ["--no-cache"]):
+        code, out, _ = run_main(sample_mod, capsys, *args, *extra)
+        assert code == 0
+        outs.append(out.splitlines()[:-1])  # all but the rate line
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+    assert [line for line in outs[0] if line.startswith("---")] == [
+        f"--- sample {i + 1} (seed {int(args[-1]) + i}) ---" for i in range(3)]
 
 
 @pytest.mark.parametrize(
@@ -113,17 +131,22 @@ def test_cache_and_no_cache_report_their_speed(sample_mod, capsys, trained_ckpt)
     [
         (["--prompt", "   "], 2, "--prompt is empty"),
         (["--num-samples", "0"], 2, "--num-samples must be at least 1"),
+        (["--batch-size", "0"], 2, "--batch-size must be at least 1"),
         (["--max-new-tokens", "0"], 2, "--max-new-tokens must be at least 1"),
         (["--temperature", "-1"], 2, "--temperature must be a number >= 0"),
         (["--top-k", "-5"], 2, "--top-k must be a whole number >= 0"),
         (["--top-p", "1.5"], 2, r"--top-p must be in \(0, 1\]"),
         (["--device", "tpu"], 2, "unknown device 'tpu'"),
+        (["--seed", "99999999999999999999999"], 2, "--seed must be a whole number from -9223372036854775808 to "
+                                                   "9223372036854775807 .sample i uses seed . i., got 9999"),
+        (["--seed", str(2**63 - 1), "--num-samples", "2"], 2, "--seed must be a whole number"),
     ],
 )
 def test_bad_arguments(sample_mod, capsys, trained_ckpt, args, code, message):  # noqa: F811
     got, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), *args)
     assert got == code
     assert re.search(message, err) and "Traceback" not in err
+    assert out == ""  # refused before the model's header
 
 
 def test_missing_and_broken_checkpoints(sample_mod, capsys, tmp_path):
@@ -144,3 +167,63 @@ def test_default_checkpoint_missing(sample_mod, capsys, tmp_path, monkeypatch):
     code, _, err = run_main(sample_mod, capsys)
     assert code == 1
     assert "no checkpoint at out/ckpt.pt" in err and "uv run train.py" in err
+
+
+def test_a_temperature_that_underflows_samples_greedily(sample_mod, capsys, trained_ckpt):  # noqa: F811
+    args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "2", "--max-new-tokens", "15"]
+    code, out, err = run_main(sample_mod, capsys, *args, "--temperature", "1e-40")
+    assert code == 0 and "Traceback" not in err
+    _, greedy, _ = run_main(sample_mod, capsys, *args, "--temperature", "0")
+    stories = [line for line in out.splitlines() if line.startswith("Once upon a time")]
+    assert len(stories) == 2 and stories[0] == stories[1]  # two seeds, one story: greedy
+    assert stories == [line for line in greedy.splitlines() if line.startswith("Once upon a time")]
+
+
+def test_a_damaged_checkpoint_exits_1_with_one_line(sample_mod, capsys, trained_ckpt, tmp_path):  # noqa: F811
+    from test_train_checkpoint import damage_tensor_bytes
+
+    damaged = tmp_path / "ckpt.pt"
+    damaged.write_bytes(trained_ckpt.read_bytes())
+    damage_tensor_bytes(damaged, torch.load(damaged, weights_only=True)["model"]["wte.weight"])
+    code, out, err = run_main(sample_mod, capsys, "--ckpt", str(damaged), "--device", "cpu")
+    assert code == 1 and out == ""
+    assert err == (f"error: {damaged} is damaged: its contents do not match the checksum stored in it (changed "
+                   "after it was written: a disk or copy error, or an edit); use the other checkpoint "
+                   "(ckpt.pt / resume.pt) or train again\n")
+
+
+def test_ctrl_c_during_start_up_is_quiet(sample_mod, capsys, trained_ckpt, monkeypatch):  # noqa: F811
+    import tsfast.train.checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tsfast.train.checkpoint, "load_for_inference", interrupted)
+    code, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), "--device", "cpu")
+    assert (code, out, err) == (130, "", "\ninterrupted\n")
+
+
+def test_output_cut_short_by_head_is_quiet(sample_mod, capsys, trained_ckpt, monkeypatch):  # noqa: F811
+    """sample.py ... | head -c 50: stdout's reader is gone; exit 141 (SIGPIPE's code) and
+    nothing on stderr but the model's header (it was a BrokenPipeError traceback, exit 1)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    pipe = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", pipe)
+    code = sample_mod.main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--max-new-tokens", "5"])
+    monkeypatch.undo()
+    pipe.close()
+    err = capsys.readouterr().err
+    assert code == 141 and err.startswith("model: tiny") and err.count("\n") == 1
+
+
+def test_a_closed_pipe_in_a_real_process_exits_141_in_silence():
+    """`... | head -c 50` on a process whose main() is wrapped as sample.py's is: exit 141 and
+    nothing on stderr, also from Python's last flush of stdout at exit."""
+    code = ("import sys\nfrom tsfast.clitools import quiet_exits\n@quiet_exits\ndef main():\n"
+            "    for _ in range(1000):\n        sys.stdout.write('x' * 1000)\nsys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(50)) == 50  # then the reader leaves
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=60), err) == (141, b"")

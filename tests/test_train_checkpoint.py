@@ -3,10 +3,11 @@
 import os
 import signal
 import time
+import types
 
 import pytest
 import torch
-from train_helpers import corpus, one_thread, small_config  # noqa: F401
+from train_helpers import corpus, one_thread, save_edited, small_config  # noqa: F401
 
 from tsfast.train import checkpoint as ckpt_io
 from tsfast.train.loop import train
@@ -98,13 +99,136 @@ def test_load_for_inference_errors(ckpt_path, tmp_path):
         ckpt_io.load_for_inference(broken)
     ckpt = torch.load(ckpt_path, weights_only=True)
     other = tmp_path / "other.pt"
-    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "n_layer": 3}}, other)
+    save_edited(other, ckpt, model_config={**ckpt["model_config"], "n_layer": 3})
     with pytest.raises(ckpt_io.CheckpointError, match="does not fit the model"):
         ckpt_io.load_for_inference(other)
-    torch.save({k: v for k, v in ckpt.items() if k != "model"}, other)
+    save_edited(other, {k: v for k, v in ckpt.items() if k != "model"})
     with pytest.raises(ckpt_io.CheckpointError, match="lacks model"):
         ckpt_io.load_for_inference(other)
-    torch.save({**ckpt, "format_version": 99}, other)
+    save_edited(other, ckpt, format_version=99)
     with pytest.raises(ckpt_io.CheckpointError, match="update tsfast"):
         ckpt_io.load_for_inference(other)
     assert issubclass(ckpt_io.CheckpointError, ValueError)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def damage_tensor_bytes(path, tensor: torch.Tensor, count: int = 400) -> None:
+    """XOR 0xFF `count` bytes inside `tensor`'s data in the file (found by its bytes): the
+    zip structure and pickle stay valid, so torch.load reads the damaged values silently."""
+    raw = bytearray(path.read_bytes())
+    data = tensor.contiguous().numpy().tobytes()
+    start = raw.find(data)
+    assert start >= 0 and len(data) >= count
+    offset = start + (len(data) - count) // 2
+    raw[offset : offset + count] = bytes(b ^ 0xFF for b in raw[offset : offset + count])
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_checkpoint_is_refused(ckpt_path, tmp_path):
+    damaged = tmp_path / "ckpt.pt"
+    damaged.write_bytes(ckpt_path.read_bytes())
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    damage_tensor_bytes(damaged, ckpt["model"]["wte.weight"])
+    assert torch.load(damaged, weights_only=True)["step"] == ckpt["step"]  # torch alone notices nothing
+    with pytest.raises(ckpt_io.CheckpointError) as err:
+        ckpt_io.load_for_inference(damaged, device="cpu")
+    message = str(err.value)
+    assert message == (f"{damaged} is damaged: its contents do not match the checksum stored in it (changed "
+                       "after it was written: a disk or copy error, or an edit); use the other checkpoint "
+                       "(ckpt.pt / resume.pt) or train again")
+
+
+def test_every_save_carries_a_checksum_of_its_contents(ckpt_path):
+    for name in ("ckpt.pt", "resume.pt"):
+        ckpt = torch.load(ckpt_path.parent / name, weights_only=True)
+        assert ckpt["format_version"] == 2
+        assert ckpt[ckpt_io.CHECKSUM_KEY] == ckpt_io.payload_sha256(ckpt)
+        assert len(ckpt[ckpt_io.CHECKSUM_KEY]) == 64
+
+
+def test_a_checkpoint_from_before_checksums_loads_with_one_note(ckpt_path, tmp_path):
+    old = tmp_path / "old.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt[ckpt_io.CHECKSUM_KEY]
+    torch.save({**ckpt, "format_version": 1}, old)
+    notes = []
+    loaded = ckpt_io.load_for_inference(old, device="cpu", note=notes.append)
+    assert loaded.step == ckpt["step"]
+    assert notes == [f"{old} was written before tsfast checkpoints carried a checksum: it loads, unverified"]
+    torch.save({**ckpt, "format_version": 2}, old)  # a new file without its checksum: edited
+    with pytest.raises(ckpt_io.CheckpointError, match="has format version 2 but lacks its checksum"):
+        ckpt_io.read_checkpoint(old)
+
+
+def _nan_weight(ckpt):
+    model = dict(ckpt["model"])
+    weight = model["wte.weight"].clone()
+    weight[torch.randint(0, weight.shape[0], ())] = float("nan")
+    return {"model": model | {"wte.weight": weight}}
+
+
+# (name, edit of the checkpoint dict, words the message must hold); each is resealed, so
+# only the field checks can catch it
+EDITS = [
+    ("val_loss as text", lambda c: {"val_loss": "1.5"}, "val_loss is '1.5', expected None or a finite number >= 0"),
+    ("format_version as text", lambda c: {"format_version": "2"}, "format_version is '2', expected a whole number >= 1"),
+    ("NaN weights", _nan_weight, "model weight wte.weight holds NaN or inf values"),
+    ("vocab None", lambda c: {"vocab": None}, "vocab is None, expected the compact vocabulary map"),
+    ("step as text", lambda c: {"step": "abc"}, "step is 'abc', expected a whole number >= 0"),
+    ("empty rng", lambda c: {"rng": []}, "rng is [], expected a non-empty list of random generator states"),
+    ("negative loss", lambda c: {"best_val_loss": -1.0}, "best_val_loss is -1.0"),
+    ("lr as text", lambda c: {"train_config": {**c["train_config"], "lr": "fast"}}, "train_config['lr'] is 'fast', expected a float"),
+    ("unknown config key", lambda c: {"model_config": {**c["model_config"], "depth": 3}}, "model_config key 'depth'"),
+    ("optimizer not a dict", lambda c: {"optimizer": [1, 2]}, "optimizer is [1, 2], expected an AdamW state dict"),
+    ("scaler with text", lambda c: {"scaler": {"scale": "big"}}, "scaler is {'scale': 'big'}"),
+    ("kind", lambda c: {"kind": "latest"}, "kind is 'latest', expected 'best' or 'resume'"),
+]
+
+
+@pytest.mark.parametrize("name, edit, words", EDITS, ids=[e[0] for e in EDITS])
+def test_every_field_is_type_and_range_checked(ckpt_path, tmp_path, name, edit, words):
+    ckpt = torch.load(ckpt_path.parent / "resume.pt", weights_only=True)
+    path = save_edited(tmp_path / "resume.pt", ckpt, **edit(ckpt))
+    with pytest.raises(ckpt_io.CheckpointError) as err:
+        ckpt_io.read_checkpoint(path, resume=True)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message
+    assert message.endswith("use the other checkpoint (ckpt.pt / resume.pt) or train again")
+
+
+def test_save_checkpoint_checks_the_free_disk_first(tmp_path, monkeypatch):
+    from tsfast.train import outdir
+
+    path = tmp_path / "resume.pt"
+    ckpt_io.save_checkpoint({"gen": 0, "data": _payload(0)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(outdir.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    with pytest.raises(outdir.OutputError) as err:
+        ckpt_io.save_checkpoint({"gen": 1, "data": _payload(1)}, path)
+    assert str(err.value) == (f"not enough free disk to write {path}: it needs 16.26 MiB, 1000 B is free; "
+                              "free some space, then continue with --resume")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["resume.pt"]
+
+
+def test_a_failing_write_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    from tsfast.train import outdir
+
+    path = tmp_path / "ckpt.pt"
+    ckpt_io.save_checkpoint({"gen": 0}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f):  # what torch's zip writer raises when the disk fills up mid-write
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 4480 vs 4374\nmore")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", full_disk)
+    with pytest.raises(outdir.OutputError) as err:
+        ckpt_io.save_checkpoint({"gen": 1}, path)
+    assert str(err.value) == (
+        f"could not write {path} ([enforce fail at inline_container.cc:671] . unexpected pos 4480 vs 4374); "
+        "the previous ckpt.pt is unchanged. Free some disk space or fix the directory's permissions, "
+        "then continue with --resume"
+    )
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

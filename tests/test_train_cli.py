@@ -1,7 +1,10 @@
 """train.py's flags, and every bad input: one clear message, exit code 2, nothing overwritten."""
 
+import os
+import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from train_helpers import (  # noqa: F401
     child_env,
     corpus,
     one_thread,
+    read_metrics,
     small_args,
     small_config,
     snapshot,
@@ -134,3 +138,298 @@ def test_bad_input_through_the_script(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "train.py: error: unknown preset 'nope': choose one of tiny, baby_cpu, baby_gpu, gpt2"
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def _one_line_error(capsys, code: int, argv: list[str], prefix: str = "train.py: error: ") -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith(prefix) and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_resume_from_a_damaged_checkpoint(corpus, trained_out, capsys):  # noqa: F811
+    from test_train_checkpoint import damage_tensor_bytes
+
+    resume = trained_out / "resume.pt"
+    damage_tensor_bytes(resume, torch.load(resume, weights_only=True)["model"]["wte.weight"])
+    before = snapshot(trained_out)
+    err = _one_line_error(capsys, 2, small_args(corpus, trained_out) + ["--resume"])
+    assert f"{resume} is damaged: its contents do not match the checksum" in err and "Lower --lr" not in err
+    assert snapshot(trained_out) == before
+
+
+def test_resume_with_an_optimizer_state_of_other_shapes(corpus, trained_out, capsys):  # noqa: F811
+    from train_helpers import save_edited
+
+    resume = trained_out / "resume.pt"
+    ckpt = torch.load(resume, weights_only=True)
+    state = {i: {k: (v[..., :1] if v.dim() else v) for k, v in s.items()} for i, s in ckpt["optimizer"]["state"].items()}
+    save_edited(resume, ckpt, optimizer={**ckpt["optimizer"], "state": state})
+    err = _one_line_error(capsys, 2, small_args(corpus, trained_out) + ["--resume"])
+    assert "optimizer state exp_avg has shape" in err and "for a parameter of shape" in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seed", "1e30"], "bad value for seed: 1000000000000000019884624838656; it must be a whole number from"),
+    (["--lr", "inf"], "bad value for lr: inf; it must be a finite number"),
+    (["--weight_decay", "inf"], "bad value for weight_decay: inf; it must be a finite number"),
+    (["--max_iters", "inf"], "bad value for max_iters: 'inf' is not a int"),
+    (["--max_iters", "2", "--set", "max_iters=3"], "max_iters is given twice: --set max_iters=3 and --max_iters 2"),
+    (["--batch_size", "1e12"], "this run needs at least 991.36 PiB of memory"),
+    (["--n_embd", "1048576"], "this run needs at least 384.90 TiB of memory"),
+])
+def test_bad_numbers_are_refused_before_any_work(corpus, tmp_path, capsys, argv, words):  # noqa: F811
+    out = tmp_path / "out"
+    args = ["--config", "tiny", "--data", str(corpus), "--device", "cpu", "--out_dir", str(out)]
+    err = _one_line_error(capsys, 2, args + argv)
+    assert words in err
+    assert not out.exists()
+
+
+def test_out_dir_that_is_a_file_or_under_one(corpus, tmp_path, capsys):  # noqa: F811
+    file = tmp_path / "file"
+    file.write_text("keep me")
+    err = _one_line_error(capsys, 2, small_args(corpus, file))
+    assert err == f"train.py: error: --out_dir {file} is a file, not a directory; pick another --out_dir\n"
+    err = _one_line_error(capsys, 2, small_args(corpus, file / "out"))
+    assert f"--out_dir {file / 'out'} lies under {file}, which is a file" in err
+    assert file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_out_dir_that_cannot_be_written(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from tsfast.train import outdir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if os.geteuid() != 0:  # a real read-only directory (root writes into one regardless)
+        out.chmod(0o500)
+    else:
+        monkeypatch.setattr(outdir.os, "access", lambda path, mode: False)
+    try:
+        err = _one_line_error(capsys, 2, small_args(corpus, out))
+    finally:
+        out.chmod(0o700)
+    assert err == (f"train.py: error: cannot write in --out_dir {out} (permission denied); pick another "
+                   "--out_dir or make it writable\n")
+    assert list(out.iterdir()) == []
+
+
+def test_a_second_run_into_the_same_out_dir_fails_at_once(corpus, tmp_path, capsys):  # noqa: F811
+    """The lock names its holder; a holder killed with SIGKILL leaves no lock behind."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tsfast.train.outdir import open_out_dir; "
+         f"open_out_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=child_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = _one_line_error(capsys, 2, small_args(corpus, out))
+        assert err == (f"train.py: error: --out_dir {out} is in use by another training run (pid {holder.pid}, "
+                       f"see {out / '.lock'}); wait for it to end, stop it, or pick another --out_dir\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(small_args(corpus, out, max_iters=1, eval_interval=1)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]
+
+
+def test_temporaries_of_killed_runs_are_removed_at_start(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".resume.pt.tmp-{dead.pid}").write_bytes(b"x" * 1000)  # left by a kill -9
+    (out / ".ckpt.pt.tmp-1").write_bytes(b"x")  # pid 1 is alive: never touched
+    train(small_config(corpus, out, max_iters=1, eval_interval=1))
+    assert sorted(p.name for p in out.iterdir()) == [".ckpt.pt.tmp-1", "ckpt.pt", "metrics.jsonl", "resume.pt"]
+
+
+def _fail_on_save(monkeypatch, number: int, error: BaseException) -> None:
+    """The `number`-th checkpoint write raises `error` (after the earlier ones succeeded)."""
+    from tsfast.train import checkpoint as ckpt_io
+
+    real, calls = ckpt_io.save_atomic, []
+
+    def save(obj, path):
+        calls.append(path)
+        if len(calls) == number:
+            raise error
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt_io, "save_atomic", save)
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (PermissionError(13, "Permission denied"), "Permission denied"),
+    (RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 6528 vs 6416"), "unexpected pos"),
+])
+def test_a_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsys, monkeypatch, error, reason):  # noqa: F811
+    out = tmp_path / "out"
+    _fail_on_save(monkeypatch, 3, error)  # ckpt.pt and resume.pt at step 1, then ckpt.pt at step 2
+    err = _one_line_error(capsys, 3, small_args(corpus, out, max_iters=4, eval_interval=1))
+    assert f"could not write {out / 'ckpt.pt'} (" in err and reason in err
+    assert "the previous ckpt.pt is unchanged" in err and "--resume" in err
+    from tsfast.train import checkpoint as ckpt_io
+
+    assert ckpt_io.read_checkpoint(out / "ckpt.pt")["step"] == 1
+    assert ckpt_io.read_checkpoint(out / "resume.pt", resume=True)["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_out_dir_made_read_only_mid_run(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from tsfast.train import checkpoint as ckpt_io
+
+    out, real = tmp_path / "out", ckpt_io.save_atomic
+
+    def save_then_lock_the_directory(obj, path):
+        real(obj, path)
+        if path.name == "resume.pt":
+            out.chmod(0o500)
+
+    monkeypatch.setattr(ckpt_io, "save_atomic", save_then_lock_the_directory)
+    try:
+        err = _one_line_error(capsys, 3, small_args(corpus, out, max_iters=4, eval_interval=1))
+    finally:
+        out.chmod(0o700)
+    assert "Permission denied" in err and ckpt_io.read_checkpoint(out / "resume.pt", resume=True)["step"] == 1
+
+
+def test_free_disk_is_checked_before_each_save(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from tsfast.train import outdir
+
+    out, calls = tmp_path / "out", []
+    real = outdir.shutil.disk_usage
+
+    def disk_usage(path):
+        calls.append(path)
+        return real(path) if len(calls) <= 2 else types.SimpleNamespace(free=4096)
+
+    monkeypatch.setattr(outdir.shutil, "disk_usage", disk_usage)
+    err = _one_line_error(capsys, 3, small_args(corpus, out, max_iters=4, eval_interval=1))
+    assert f"not enough free disk to write {out / 'ckpt.pt'}: it needs" in err and "4.00 KiB is free" in err
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]
+
+
+def test_metrics_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from tsfast.train.logs import RunLog
+
+    real_open = RunLog.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file, self.lines = file, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines == 3:
+                raise OSError(28, "No space left on device")
+            return self.file.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    def open_full(self, *, append):
+        real_open(self, append=append)
+        self.file = FullDisk(self.file)
+
+    monkeypatch.setattr(RunLog, "open", open_full)
+    out = tmp_path / "out"
+    err = _one_line_error(capsys, 3, small_args(corpus, out, max_iters=6, eval_interval=2))
+    assert err.startswith(f"train.py: error: could not write {out / 'metrics.jsonl'} (No space left on device)")
+    assert read_metrics(out)[-1]["step"] == 2
+
+
+def test_a_second_signal_exits_at_once_with_its_own_code(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from tsfast.model import GPT
+
+    real, calls = GPT.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # step 1 and its evaluation (2 forwards) are done: resume.pt holds step 1
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    out = tmp_path / "out"
+    assert main(small_args(corpus, out, max_iters=10, eval_interval=1, eval_iters=1)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err == "train.py: stopped by SIGTERM without saving (the last good checkpoints stay)\n"
+    from tsfast.train import checkpoint as ckpt_io
+
+    assert ckpt_io.read_checkpoint(out / "resume.pt", resume=True)["step"] == 1
+    assert not (out / ".lock").exists() and not list(out.glob(".*.tmp-*"))
+
+
+class _Head:
+    """stdout piped into `head -n lines`: it reads `lines` lines, then the pipe is closed."""
+
+    def __init__(self, lines: int):
+        self.left, self.text = lines, []
+
+    def write(self, text):
+        if self.left <= 0:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.text.append(text)
+        self.left -= text.count("\n")
+        return len(text)
+
+    def flush(self):
+        if self.left < 0:
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_stdout_closed_by_its_reader_stops_like_sigpipe(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """train.py | head -3: the run stops at the step boundary, writes resume.pt and exits 141
+    without a word (it used to die in the logger with a traceback and no checkpoint)."""
+    head = _Head(3)
+    monkeypatch.setattr(sys, "stdout", head)
+    out = tmp_path / "out"
+    code = main(small_args(corpus, out, max_iters=50, eval_interval=100))
+    assert code == 128 + signal.SIGPIPE and capsys.readouterr().err == ""
+    assert len("".join(head.text).splitlines()) == 3
+    from tsfast.train import checkpoint as ckpt_io
+
+    assert ckpt_io.read_checkpoint(out / "resume.pt", resume=True)["step"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "resume.pt"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_start_up_exits_128_plus_n(corpus, tmp_path, capsys, monkeypatch, signum):  # noqa: F811
+    from tsfast.train import data as data_mod
+
+    real = data_mod.open_corpus
+
+    def open_corpus(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "open_corpus", open_corpus)
+    out, handler = tmp_path / "out", signal.getsignal(signum)
+    assert main(small_args(corpus, out)) == 128 + signum
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err == f"train.py: stopped by {name} without saving (the last good checkpoints stay)\n"
+    assert not out.exists() and signal.getsignal(signum) == handler  # the handlers are restored
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import errno
+
+    from tsfast.train import outdir
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outdir.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    assert main(small_args(corpus, out, max_iters=1, eval_interval=1)) == 0
+    assert f"warning: {out} cannot be locked (No locks available): make sure no other run writes into it" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]

@@ -15,6 +15,7 @@ Parameter counts the presets build (embedding counted once, it is tied to the ou
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -73,6 +74,8 @@ POSITIVE = (
     "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_iters",
     "eval_interval", "eval_iters", "log_interval", "lr",
 )
+# Seeds are 64-bit signed integers (what torch.manual_seed and torch.Generator take).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 # Fields that describe the model's shape: a checkpoint is resumable only if they match.
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "vocab", "doc_mask")
 
@@ -119,6 +122,7 @@ class TrainConfig:
     kernels: str = "auto"  # auto, triton, torch
     seed: int = 1337
     data: str = "auto"  # a prepared data dir, or auto (data/tinystories if prepared, else synthetic)
+    init_from: str = ""  # start from a Hugging Face model: gpt2[-medium|-large|-xl], OWNER/NAME or a directory
     out_dir: str = "out"
     wandb: bool = False
     wandb_project: str = "tsfast"
@@ -140,10 +144,14 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
+            if not math.isfinite(value):
+                raise ConfigError(f"bad value for {f.name}: {value}; it must be a finite number")
             if f.name in POSITIVE and not value > 0:
                 raise ConfigError(f"bad value for {f.name}: {value}; it must be > 0")
             if not value >= 0 and f.name != "seed":
                 raise ConfigError(f"bad value for {f.name}: {value}; it must be >= 0")
+        if not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ConfigError(f"bad value for seed: {self.seed}; it must be a whole number from {SEED_MIN} to {SEED_MAX}")
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr={self.min_lr} is larger than lr={self.lr}; lower min_lr")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -223,7 +231,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
         kind = type(getattr(cfg, key))
         try:
             changes[key] = _parse(kind, str(text))
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:  # int("inf") overflows
             hint = f"; choose one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
             raise ConfigError(f"bad value for {key}: {text!r} is not a {kind.__name__} ({e}){hint}") from None
     return dataclasses.replace(cfg, **changes).validate()
@@ -231,5 +239,5 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
 
 __all__ = [
     "ConfigError", "GPTConfig", "TrainConfig", "PRESETS", "GPU_PRESETS", "CHOICES",
-    "MODEL_FIELDS", "preset", "apply_overrides", "overridable_fields",
+    "MODEL_FIELDS", "SEED_MIN", "SEED_MAX", "preset", "apply_overrides", "overridable_fields",
 ]

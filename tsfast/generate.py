@@ -20,10 +20,16 @@ How one sequence is decoded (`Decoder`):
 - `use_cache=False` re-runs the whole current window for every token: the same windows,
   so the same logits (within float rounding); the tests and the benchmark compare the two.
 
-Sampling: logits in float32, divided by the temperature (0 = greedy), top-k (0/None off),
+Sampling: logits in float32, divided by the temperature (0 = greedy; so is a temperature
+below float32's smallest normal number, 1.2e-38), top-k (0/None off),
 top-p (nucleus; 1.0/None off), then one draw from a `torch.Generator` seeded by `seed`, so
 samples reproduce and the global RNG is left alone. Generation stops at the end-of-text
 token (not returned) or after `max_new_tokens`.
+
+Several sequences at once (sample.py's samples, the demo's users): `tsfast.batching`, whose
+docstring gives the batched cache's layout; a sequence there is sampled with the same
+arithmetic (`sample_rows`), so a seed gives the same story alone or batched, up to the float
+rounding of the logits.
 
 Compact vocabularies: with `vocab` (a `tsfast.data.vocab.CompactVocab`), prompt ids are
 GPT-2 ids mapped to the model's compact ids (unknown ones to its unk id), sampled ids are
@@ -54,6 +60,7 @@ __all__ = [
     "prompt_fit",
     "window_keep",
     "sample_next",
+    "sample_rows",
     "stream_text",
 ]
 
@@ -79,13 +86,41 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> int:
     """One token id drawn from `logits` (V,): temperature (0 = argmax), top-k, then top-p."""
+    return sample_rows(logits[None], [(temperature, top_k, top_p)], [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, settings: Sequence[tuple[float, int | None, float | None]],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """`sample_next` for every row of `logits` (B, V), each with its own (temperature, top_k,
+    top_p) and generator; one argmax or top-k for the rows that share a temperature and k
+    (a top-k over the vocabulary is most of a row's sampling time). Row by row, the same
+    arithmetic as one row alone, so the same draws."""
     logits = logits.float()
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    ids = None
-    if top_k and top_k < logits.numel():
-        logits, ids = torch.topk(logits, top_k)  # sorted, largest first
+    V = logits.shape[-1]
+    groups: dict[tuple[float, int | None], list[int]] = {}
+    for i, (temperature, top_k, _) in enumerate(settings):
+        groups.setdefault((temperature, top_k if top_k and top_k < V else None), []).append(i)
+    out = [0] * len(settings)
+    for (temperature, top_k), rows in groups.items():
+        group = logits if len(rows) == len(settings) else logits[rows]  # one group: no copy
+        if temperature < torch.finfo(torch.float32).tiny:  # 0, or below float32's normal range
+            for i, token in zip(rows, group.argmax(dim=-1).tolist(), strict=True):
+                out[i] = token
+            continue
+        # Shift the largest logit to 0 first: a tiny temperature then sends the others to -inf
+        # instead of overflowing to inf (inf - inf is NaN in the softmax).
+        group = (group - group.max(dim=-1, keepdim=True).values) / temperature
+        ids = None
+        if top_k:
+            group, ids = torch.topk(group, top_k)  # sorted, largest first
+        for j, i in enumerate(rows):
+            out[i] = _draw(group[j], None if ids is None else ids[j], settings[i][2], generators[i])
+    return out
+
+
+def _draw(logits: torch.Tensor, ids: torch.Tensor | None, top_p: float | None, generator) -> int:
+    """The top-p filter and the draw of `sample_next`, after temperature and top-k (ids: the
+    token ids of a top-k's logits, None for the whole vocabulary)."""
     if top_p is not None and top_p < 1.0:
         if ids is None:
             logits, ids = torch.sort(logits, descending=True)
@@ -107,14 +142,14 @@ def window_keep(block_size: int) -> int:
 
 
 def prompt_fit(model: GPT, prompt_ids: Sequence[int], vocab=None) -> tuple[int, int]:
-    """(prompt tokens dropped because the prompt is longer than the context, prompt tokens
-    a compact vocabulary does not hold and the model reads as its unknown token)."""
+    """(prompt tokens dropped because the prompt is longer than the context, kept prompt
+    tokens a compact vocabulary does not hold and the model reads as its unknown token)."""
     ids = [int(t) for t in prompt_ids]
     block = model.config.block_size
     dropped = len(ids) - window_keep(block) if len(ids) > block else 0
     unknown = 0
-    if vocab is not None and ids:
-        unknown = int((vocab.to_compact(ids) == vocab.unk_id).sum())
+    if vocab is not None and ids[dropped:]:  # only the tokens the model reads
+        unknown = int((vocab.to_compact(ids[dropped:]) == vocab.unk_id).sum())
     return dropped, unknown
 
 
@@ -130,6 +165,24 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
+def _check_prompt(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt's model ids as a list, or ValueError if it is empty or out of range."""
+    if len(prompt) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    tokens = [int(t) for t in prompt]
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt ids must lie in [0, {vocab_size}); got {bad[:5]}")
+    return tokens
+
+
+def _model_eos(eos_id: int | None, vocab) -> int | None:
+    """The model id of the end-of-text token `eos_id` (a GPT-2 id), None to never stop."""
+    if vocab is None or eos_id is None:
+        return eos_id
+    return vocab.eot_id if eos_id == EOT else int(vocab.to_compact([eos_id])[0])
+
+
 class Decoder:
     """The next-token logits of one growing sequence of model ids, with or without a cache.
 
@@ -139,18 +192,12 @@ class Decoder:
 
     @torch.inference_mode()
     def __init__(self, model: GPT, prompt: Sequence[int], *, use_cache: bool = True):
-        if len(prompt) == 0:
-            raise ValueError("the prompt is empty: give at least one token")
         self.model = model
         self.block_size = model.config.block_size
         self.keep = window_keep(self.block_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.tokens = [int(t) for t in prompt]
-        vocab_size = model.config.vocab_size
-        bad = [t for t in self.tokens if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt ids must lie in [0, {vocab_size}); got {bad[:5]}")
+        self.tokens = _check_prompt(prompt, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, device=self.device, dtype=self.dtype) if use_cache else None
         self.start = 0
         if len(self.tokens) > self.block_size:
@@ -209,9 +256,7 @@ def iter_tokens(
     """Yield new GPT-2 ids one at a time (see `generate`). `decoder_out`, if a list, gets
     the `Decoder` appended (to read `truncated` after the first token)."""
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    eos = eos_id
-    if vocab is not None and eos_id is not None:
-        eos = vocab.eot_id if eos_id == EOT else int(vocab.to_compact([eos_id])[0])
+    eos = _model_eos(eos_id, vocab)
     decoder = Decoder(model, _to_model_ids(prompt_ids, vocab), use_cache=use_cache)
     if decoder_out is not None:
         decoder_out.append(decoder)

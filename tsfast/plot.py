@@ -153,7 +153,7 @@ def _subtitle(data: dict) -> str:
 
 # One colour per provider in every panel and figure.
 _COLORS = {"torch": "tab:blue", "torch.compile": "tab:orange", "triton": "tab:green",
-           "no_cache": "tab:gray", "kv_cache": "tab:purple"}
+           "no_cache": "tab:gray", "kv_cache": "tab:purple", "queued": "tab:gray", "together": "tab:purple"}
 
 
 def _grouped_bars(ax, groups: list[str], providers: list[str], value) -> list[str]:
@@ -247,7 +247,44 @@ def generate_figure(data: dict):
     return fig
 
 
-_BENCH_PLOTS = {"ops": ops_figure, "train_step": train_step_figure, "generate": generate_figure}
+def generate_batched_figure(data: dict):
+    """Aggregate tokens/s against batch size, batched and one at a time, per model; and the
+    demo's time until the last of its users' stories is done, queued and together."""
+    plt = _pyplot()
+    rows = [r for r in data["rows"] if r.get("op") == "generate_batched" and r.get("tokens_per_s")]
+    demo = [r for r in data["rows"] if r.get("op") == "demo" and r.get("last_finish_s")]
+    if not rows and not demo:
+        raise PlotError("the generate_batched results hold no rows to plot")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    for i, shape in enumerate(dict.fromkeys(r["shape"] for r in rows)):
+        for provider, style in (("batched", "-o"), ("one_at_a_time", "--s")):
+            sel = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["shape"] == shape and r["provider"] == provider)
+            if sel:
+                ax.plot([b for b, _ in sel], [t for _, t in sel], style, color=f"C{i}", label=f"{shape}, {provider}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks([1, 2, 4, 8], labels=["1", "2", "4", "8"])
+    ax.set_xlabel("sequences decoded together")
+    ax.set_ylabel("aggregate new tokens / s (log)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("batched decoding vs one at a time", fontsize=10)
+    ax = axes[1]
+    shapes = list(dict.fromkeys(r["shape"] for r in demo))
+    table = {(r["shape"], r["provider"]): r["last_finish_s"] for r in demo}
+    _grouped_bars(ax, shapes, ["queued", "together"], lambda g, p: table.get((g, p)))
+    ax.set_ylabel("seconds until the last story is done")
+    ax.legend(fontsize=8)
+    users = demo[0]["dims"]["users"] if demo else "?"
+    ax.set_title(f"demo, {users} users at once", fontsize=10)
+    fig.suptitle("generation, batched\n" + _subtitle(data), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+_BENCH_PLOTS = {"ops": ops_figure, "train_step": train_step_figure, "generate": generate_figure,
+                "generate_batched": generate_batched_figure}
 
 
 def plot_benchmarks(bench_dir: str | Path, out_dir: str | Path) -> list[Path]:

@@ -106,13 +106,16 @@ def test_kernels_write_every_element():
     torch.testing.assert_close(y, torch_layer_norm(x, w, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean, x.mean(-1))
     dy = torch.randn(N, C, generator=torch.Generator().manual_seed(10)).to(x.device)
-    dx = poison_(torch.empty_like(x))
+    dx, ln_out = poison_(torch.empty_like(x)), poison_(torch.empty(N, C, dtype=torch.float16, device=x.device))
     dgamma_part, dbeta_part = poison_(torch.empty(P, C, device=x.device)), poison_(torch.empty(P, C, device=x.device))
     rows_per_program = -(-N // P)
-    lng._layer_norm_bwd_kernel[(P,)](x, dy, w, mean, rstd, dx, dgamma_part, dbeta_part, N, C, rows_per_program, BLOCK_C=128)
-    for t in (dx, dgamma_part, dbeta_part):
+    lng._layer_norm_bwd_kernel[(P,)](x, dy, w, b, mean, rstd, dx, ln_out, dgamma_part, dbeta_part, N, C,
+                                     rows_per_program, HAS_LN_BIAS=True, WRITE_LN=True, BLOCK_C=128)
+    for t in (dx, ln_out, dgamma_part, dbeta_part):
         assert torch.isfinite(t).all()
     torch.testing.assert_close(dbeta_part.sum(0), dy.sum(0), rtol=1e-5, atol=1e-5)
+    # The LN(x) copy the "dpre" backward feeds its dW GEMM: fp32 math, one rounding to fp16.
+    torch.testing.assert_close(ln_out, reference64.layer_norm(x, w, b).half(), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu

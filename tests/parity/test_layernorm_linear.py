@@ -184,3 +184,36 @@ def test_report_cases_describe_every_kernel_and_config():
     assert len(per_kernel[("ln_linear_fwd", "gpt2")]) == len(lng.FWD_CONFIGS)
     assert len(per_kernel[("ln_linear_dln", "baby_gpu")]) == len(lngb.DLN_CONFIGS)
     assert len(per_kernel[("ln_linear_dw", "gpt2")]) == len(lngb.DW_CONFIGS)
+
+
+@pytest.mark.parametrize("backward", ["dpre", "prologue"])
+def test_autocast_matches_torch_autocast(backward):
+    """Under fp16 autocast (the interpreter computes fp16 dots correctly) the LayerNorm runs
+    in fp32 and only the matmul in fp16, as torch's autocast does to F.layer_norm + F.linear:
+    y is fp16, every gradient comes back in its input's own dtype (fp32 here), and values
+    meet the 2x rule against the float64 oracle with torch's autocast result as baseline."""
+    from functools import partial
+
+    from tsfast.ops import layernorm
+
+    dev = device_for_tests()
+    inputs = make_inputs((37,), 96, 3 * 96, True, True, FP32, dev, seed=41)
+    upstream = torch.randn(37, 3 * 96, generator=torch.Generator().manual_seed(42), dtype=torch.float64).to(dev)
+    kernel = partial(layernorm._layernorm_linear_triton, backward=backward)
+
+    def under_autocast(fn):
+        def run_it(*args, **kw):
+            with torch.autocast(dev.type, dtype=torch.float16):
+                return fn(*args, **kw)
+        return run_it
+
+    out, grads = run(under_autocast(lambda *a, **kw: kernel(*a, kw["activation"], kw["eps"])), inputs, upstream,
+                     activation="gelu_tanh", eps=1e-5)
+    out_t, grads_t = run(under_autocast(torch_layernorm_linear), inputs, upstream, activation="gelu_tanh", eps=1e-5)
+    out_r, grads_r = run(reference64.layernorm_linear, [t.double() for t in inputs], upstream,
+                         activation="gelu_tanh", eps=1e-5)
+    assert out.dtype == out_t.dtype == torch.float16
+    assert_parity("y", out, out_t, out_r, atol=2e-3)
+    for name, a, t, r in zip(GRAD_NAMES, grads, grads_t, grads_r, strict=True):
+        assert a.dtype == t.dtype == torch.float32, name
+        assert_parity(f"d{name}", a, t, r, atol=2e-3)

@@ -9,7 +9,7 @@ import reference64
 import torch
 
 from tsfast import ops
-from tsfast.testing import assert_parity, device_for_tests
+from tsfast.testing import assert_parity, device_for_tests, interpreter_ready
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -86,6 +86,17 @@ CASES = [
 @pytest.mark.parametrize("B,H,Tq,Tk,D,layout", CASES)
 def test_torch_path(B, H, Tq, Tk, D, layout, dtype):
     check("torch", B, H, Tq, Tk, D, dtype, layout, seed=Tk)
+
+
+TRITON_READY = interpreter_ready()
+
+
+@pytest.mark.skipif(TRITON_READY is not None, reason=str(TRITON_READY))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("B,H,Tq,Tk,D,layout", CASES[:3])
+def test_triton_path(B, H, Tq, Tk, D, layout, dtype):
+    """The op end to end on the kernel (its own launcher-level tests: test_rope_attention_doc_kernel.py)."""
+    check("triton", B, H, Tq, Tk, D, dtype, layout, seed=Tk + 1)
 
 
 @pytest.mark.parametrize("causal", [True, False])

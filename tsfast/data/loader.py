@@ -1,7 +1,11 @@
 """Read a prepared corpus (tsfast.data.meta format) and draw training batches from it.
 
 `TokenData(dir)` checks the directory against its meta.json (file sizes, dtype, token ids
-below 50257) and opens train.bin and val.bin as read-only np.memmap arrays.
+below 50257, and the sha256 of each .bin) and opens train.bin and val.bin as read-only
+np.memmap arrays. The id check reads every token anyway, so the checksum costs only the
+hashing: about 1 GB/s on one core with SHA extensions (0.97 GB/s measured on a shared
+2-core x86 machine), about 1 s for the ~1.1 GB of full TinyStories V2 tokens (estimated:
+2.2 GB of text at ~4 bytes a token).
 
 `BatchSampler` draws random windows nanoGPT style: B offsets uniform in
 [0, len - block_size - 1], x = tokens[i : i+T], y = tokens[i+1 : i+T+1]; no padding, and
@@ -30,9 +34,9 @@ from tsfast.data.tokenizer import VOCAB_SIZE
 class TokenData:
     """A validated prepared corpus: `.meta`, `.train`, `.val` (uint16 memmaps), `.vocab_size`."""
 
-    def __init__(self, data_dir: str | Path, *, check_tokens: bool = True):
+    def __init__(self, data_dir: str | Path, *, check_tokens: bool = True, check_sha256: bool = True):
         self.dir = Path(data_dir)
-        self.meta = validate(self.dir, check_tokens=check_tokens)
+        self.meta = validate(self.dir, check_tokens=check_tokens, check_sha256=check_sha256)
         self.vocab_size: int = self.meta["vocab_size"]
         for split in SPLITS:
             info = self.meta["splits"][split]

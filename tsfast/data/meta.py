@@ -81,11 +81,48 @@ def read_meta(data_dir: str | Path) -> dict:
             raise DataError(
                 f"{meta_path}: {key} is {meta.get(key)!r}, expected {value!r}; {_redo(meta_path)}"
             )
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise DataError(f"{meta_path}: splits is {_shown(splits)}, expected an object with "
+                        f"{' and '.join(SPLITS)}; {_redo(meta_path)}")
     for split in SPLITS:
-        info = meta.get("splits", {}).get(split)
-        if not isinstance(info, dict) or not isinstance(info.get("tokens"), int):
-            raise DataError(f"{meta_path}: no token count for split {split!r}; {_redo(meta_path)}")
+        info = splits.get(split)
+        if not isinstance(info, dict):
+            raise DataError(f"{meta_path}: no entry for split {split!r}; {_redo(meta_path)}")
+        _check_split(info, split, meta_path)
+    counts = meta.get("counts", {})
+    distinct = counts.get("distinct_tokens") if isinstance(counts, dict) else None
+    if not isinstance(counts, dict) or not (distinct is None or _whole(distinct, 1, VOCAB_SIZE)):
+        raise DataError(f"{meta_path}: counts is {_shown(counts)}, expected an object whose "
+                        f"distinct_tokens is 1..{VOCAB_SIZE}; {_redo(meta_path)}")
     return meta
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _whole(value, low: int, high: int | None = None) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
+
+
+def _check_split(info: dict, split: str, meta_path: Path) -> None:
+    """Each field of one split's entry that the loader reads, by type and range."""
+    file = info.get("file", f"{split}.bin")
+    if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+        problem = f"file is {_shown(file)}, expected a file name inside {meta_path.parent}"
+    elif not _whole(info.get("tokens"), 1):
+        problem = (f"tokens is {_shown(info.get('tokens'))}, expected a whole number >= 1 "
+                   "(an empty split cannot be trained or evaluated on)")
+    elif "stories" in info and not _whole(info["stories"], 1):
+        problem = f"stories is {_shown(info['stories'])}, expected a whole number >= 1"
+    elif "sha256" in info and not (isinstance(info["sha256"], str) and len(info["sha256"]) == 64):
+        problem = f"sha256 is {_shown(info['sha256'])}, expected 64 hex digits"
+    else:
+        return
+    raise DataError(f"{meta_path}: split {split!r}: {problem}; {_redo(meta_path)}")
 
 
 def scan_tokens(path: Path, n_tokens: int, *, sha256: bool = True) -> tuple[str | None, int]:
@@ -132,22 +169,35 @@ def validate(data_dir: str | Path, *, check_tokens: bool = True, check_sha256: b
             )
         if check_sha256 and digest != info.get("sha256"):
             raise DataError(
-                f"{path}: sha256 {digest} does not match {meta_path} ({info.get('sha256')}); "
-                f"{_redo(meta_path)}"
+                f"{path}: sha256 {digest} does not match {meta_path} ({info.get('sha256')}): the "
+                f"file changed after it was prepared; {_redo(meta_path)}"
             )
     return meta
 
 
 def load_counts(data_dir: str | Path) -> np.ndarray:
-    """Train-split token frequencies (int64, shape (50257,)) of a prepared corpus."""
+    """Train-split token frequencies (int64, shape (50257,)) of a prepared corpus, checked
+    against meta.json: they add up to the train split's tokens and count its distinct ids."""
     path = Path(data_dir) / COUNTS_FILE
+    meta_path = Path(data_dir) / META_FILE
     try:
         counts = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is missing or unreadable ({exc}); {_redo(Path(data_dir) / META_FILE)}") from exc
+        raise DataError(f"{path} is missing or unreadable ({exc}); {_redo(meta_path)}") from exc
     if counts.shape != (VOCAB_SIZE,) or counts.dtype.kind not in "iu" or (counts < 0).any():
         raise DataError(
             f"{path} holds {counts.dtype} {counts.shape}, expected non-negative int64 ({VOCAB_SIZE},); "
-            f"{_redo(Path(data_dir) / META_FILE)}"
+            f"{_redo(meta_path)}"
         )
-    return counts.astype(np.int64, copy=False)
+    counts = counts.astype(np.int64, copy=False)
+    meta = read_meta(data_dir)
+    tokens = meta["splits"]["train"]["tokens"]
+    distinct = meta.get("counts", {}).get("distinct_tokens")
+    found = int(np.count_nonzero(counts))
+    if int(counts.sum()) != tokens or (distinct is not None and found != distinct):
+        raise DataError(
+            f"{path} counts {int(counts.sum()):,} tokens ({found} distinct) but {meta_path} says the "
+            f"train split holds {tokens:,} ({distinct} distinct): the counts are damaged or from "
+            f"another run; {_redo(meta_path)}"
+        )
+    return counts

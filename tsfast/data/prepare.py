@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tsfast.clitools import quiet_exits
 from tsfast.data import meta as fmt
 from tsfast.data.sources import (
     HUB_FILES,
@@ -57,10 +58,18 @@ from tsfast.data.tokenizer import (
     TokenizerUnavailable,
     get_tokenizer,
 )
+from tsfast.files import fsync_dir, remove_stale_temporaries, temp_path
 
 DATASETS = ("tinystories", "synthetic")
 DEFAULT_SYNTHETIC_STORIES = 40_000  # about 5M tokens: the tiny preset sees under one epoch
 SYNTHETIC_VAL_FRACTION = 0.02
+
+
+def _check_name(name: str | None) -> None:
+    """--name is one directory inside --out: nothing that would write elsewhere."""
+    if name is not None and (name in ("", ".", "..") or Path(name).name != name or "\\" in name):
+        raise PrepareError(f"--name {name!r}: must be a plain directory name, created inside --out "
+                           "(no '/', '\\' or '..'); use --out to choose where it goes")
 
 
 def default_name(dataset: str, version: str = "v2") -> str:
@@ -71,38 +80,12 @@ def default_name(dataset: str, version: str = "v2") -> str:
 
 # ----------------------------------------------------------------------------- output
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporaries of earlier runs that were killed (their process is gone)."""
-    for path in directory.glob(".*.tmp-*"):
-        pid = path.name.rpartition(".tmp-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # a live process of another user
-
-
 class SplitWriter:
     """Appends token arrays to a hidden temporary next to the final .bin."""
 
     def __init__(self, final: Path, count_tokens: bool):
         self.final = final
-        self.temp = _temp_path(final)
+        self.temp = temp_path(final)
         self.handle = open(self.temp, "wb")
         self.sha256 = hashlib.sha256()
         self.tokens = self.stories = 0
@@ -131,7 +114,7 @@ class SplitWriter:
 
 
 def _write_temp(final: Path, write) -> Path:
-    temp = _temp_path(final)
+    temp = temp_path(final)
     with open(temp, "wb") as handle:
         write(handle)
         handle.flush()
@@ -180,6 +163,15 @@ def _already_prepared(out: Path, fingerprint: str) -> bool:
     return True
 
 
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a failed run created (deepest first) while they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def _tokenize_splits(out: Path, sources: dict, limit: int | None, workers: int,
                      progress: bool) -> dict[str, SplitWriter]:
     """Write every split to temporaries; on any failure remove them and re-raise."""
@@ -224,12 +216,12 @@ def _commit(out: Path, writers: dict[str, SplitWriter], meta: dict) -> None:
         temps[0].unlink(missing_ok=True)
         raise
     (out / fmt.META_FILE).unlink(missing_ok=True)  # from here on the old corpus is not trusted
-    _fsync_dir(out)
+    fsync_dir(out)
     for writer in writers.values():
         os.replace(writer.temp, writer.final)
     os.replace(temps[0], out / fmt.COUNTS_FILE)
     os.replace(temps[1], out / fmt.META_FILE)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version: str = "v2",
@@ -252,6 +244,7 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
     if (train_file is None) != (valid_file is None):
         raise PrepareError("--train and --valid go together: pass both files (one per split), "
                            "or neither to download TinyStories from the Hub")
+    _check_name(name)
 
     if dataset == "synthetic":
         if train_file is not None:
@@ -280,17 +273,21 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
         print(f"prepare: {out} is already prepared from the same inputs; skipping "
               "(pass --force to redo it)", flush=True)
         return out
+    created = [d for d in (out, *out.parents) if not d.exists()]  # removed again if this run fails
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PrepareError(f"cannot create {out} ({exc.strerror}); pick another --out") from exc
-    _remove_stale_temporaries(out)
+    remove_stale_temporaries(out)
 
     try:
         writers = _tokenize_splits(out, sources, limit, workers, progress)
-    except OSError as exc:  # disk full, read-only directory, a file vanishing mid-read
-        raise PrepareError(f"preparing {out} failed ({exc}); the existing data there is unchanged; "
-                           "fix the cause (space, permissions) and run again") from exc
+    except BaseException as exc:
+        _remove_empty(created)
+        if isinstance(exc, OSError):  # disk full, read-only directory, a file vanishing mid-read
+            raise PrepareError(f"preparing {out} failed ({exc}); the existing data there is unchanged; "
+                               "fix the cause (space, permissions) and run again") from exc
+        raise
     for split, source in sources.items():
         if isinstance(source, TextSplit):
             origin[f"{split}_path"] = str(source.path.resolve())
@@ -313,6 +310,7 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
     except BaseException as exc:
         for writer in writers.values():
             writer.temp.unlink(missing_ok=True)
+        _remove_empty(created)
         if isinstance(exc, OSError):
             raise PrepareError(f"finishing {out} failed ({exc}); run again to prepare it") from exc
         raise
@@ -353,6 +351,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@quiet_exits
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tsfast.data.prepare",
@@ -384,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     version = args.version or "v2"
     try:
         if args.check:
+            _check_name(args.name)
             out = args.out / (args.name or default_name(args.dataset, version))
             meta = fmt.validate(out, check_sha256=True)
             fmt.load_counts(out)

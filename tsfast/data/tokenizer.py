@@ -4,12 +4,11 @@ The ids are identical to `tiktoken.get_encoding("gpt2")`: 50256 merge ranks plus
 special token `<|endoftext|>` = 50256, split by GPT-2's regex (tiktoken's r50k pattern).
 
 Where the ranks come from, in order:
-1. `whisper/assets/gpt2.tiktoken`, shipped inside the `openai-whisper` package (a project
-   dependency). It is found with `importlib.util.find_spec` without importing whisper (that
-   import pulls in torch and numba and is slow), and its sha256 is checked. This is the path
-   that works on a machine with no network.
-2. tiktoken's own loader (`tiktoken.get_encoding("gpt2")`), which downloads the ranks once
-   and caches them; used only when the packaged file is missing or damaged.
+1. `tsfast/data/gpt2.tiktoken`, shipped inside tsfast (835 kB; its origin and license are in
+   `gpt2.tiktoken.LICENSE` beside it). tiktoken's own loader reads it and checks its sha256.
+   This is the path that works on a machine with no network.
+2. tiktoken's download (`tiktoken.get_encoding("gpt2")`, cached after the first time); used
+   only when the packaged file is missing or damaged.
 Neither: a `TokenizerUnavailable` error that says how to fix it.
 
 `encode` treats its input as plain text: a literal "<|endoftext|>" typed in a story is
@@ -19,22 +18,23 @@ pipeline appends the real end-of-text token EOT between stories.
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
-import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
 
 EOT = 50256  # <|endoftext|>, the one special token; also GPT-2's last id
 VOCAB_SIZE = 50257
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_NAME = "gpt2"
 
-RANKS_FILE_IN_WHISPER = ("assets", "gpt2.tiktoken")
+RANKS_FILE = Path(__file__).with_name("gpt2.tiktoken")
+# The same file tiktoken downloads as r50k_base.tiktoken, with the same sha256.
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+REINSTALL = "reinstall tsfast (`uv sync --reinstall-package tinystories-fast`)"
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -42,49 +42,35 @@ class TokenizerUnavailable(RuntimeError):
 
 
 def packaged_ranks_path() -> Path | None:
-    """Path of gpt2.tiktoken inside the installed openai-whisper package, or None."""
-    spec = importlib.util.find_spec("whisper")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location).joinpath(*RANKS_FILE_IN_WHISPER)
-        if candidate.is_file():
-            return candidate
-    return None
+    """Path of the gpt2.tiktoken that ships with tsfast, or None if it is missing."""
+    return RANKS_FILE if RANKS_FILE.is_file() else None
 
 
-def _parse_ranks(data: bytes, source: Path) -> dict[bytes, int]:
-    """Parse the tiktoken ranks format: one `base64(token_bytes) rank` pair per line."""
-    ranks: dict[bytes, int] = {}
-    for line_number, line in enumerate(data.splitlines(), start=1):
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-        except ValueError as exc:
-            raise TokenizerUnavailable(
-                f"{source}: line {line_number} is not 'base64 rank' ({exc}); "
-                "reinstall the package with `uv sync --reinstall-package openai-whisper`"
-            ) from exc
-    return ranks
-
-
-def _load_packaged(path: Path) -> tiktoken.Encoding:
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != RANKS_SHA256:
+def load_packaged_ranks(path: Path) -> dict[bytes, int]:
+    """GPT-2's merge ranks from `path`, parsed by tiktoken's own loader."""
+    try:
+        # Checked here too: tiktoken skips its own check when its cache is off
+        # (TIKTOKEN_CACHE_DIR=""), and answers from its cache when that holds a good copy.
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != RANKS_SHA256:
+            raise ValueError(f"its sha256 is {digest}")
+        return load_tiktoken_bpe(str(path), expected_hash=RANKS_SHA256)
+    except (OSError, ValueError) as exc:
         raise TokenizerUnavailable(
-            f"{path}: sha256 is {digest}, expected {RANKS_SHA256} (damaged or a different "
-            "file); reinstall it with `uv sync --reinstall-package openai-whisper`"
-        )
+            f"{path}: not GPT-2's ranks file ({exc}; expected sha256 {RANKS_SHA256}): "
+            f"the file is damaged: {REINSTALL}"
+        ) from exc
+
+
+def _encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
     # tiktoken's own definition of GPT-2's split regex, so both loading paths agree.
     from tiktoken_ext.openai_public import r50k_pat_str
 
     return tiktoken.Encoding(
         name=TOKENIZER_NAME,
         pat_str=r50k_pat_str,
-        mergeable_ranks=_parse_ranks(data, path),
+        mergeable_ranks=ranks,
         special_tokens={ENDOFTEXT: EOT},
         explicit_n_vocab=VOCAB_SIZE,
     )
@@ -96,11 +82,11 @@ def get_tokenizer() -> tiktoken.Encoding:
     problems = []
     path = packaged_ranks_path()
     if path is None:
-        problems.append("the openai-whisper package (which ships gpt2.tiktoken) is not installed")
+        problems.append(f"{RANKS_FILE} is missing")
     else:
         try:
-            return _load_packaged(path)
-        except (OSError, TokenizerUnavailable) as exc:
+            return _encoding(load_packaged_ranks(path))
+        except TokenizerUnavailable as exc:
             problems.append(str(exc))
     try:
         return tiktoken.get_encoding(TOKENIZER_NAME)
@@ -109,9 +95,8 @@ def get_tokenizer() -> tiktoken.Encoding:
     raise TokenizerUnavailable(
         "cannot load the GPT-2 tokenizer: "
         + "; ".join(problems)
-        + ". Fix: run `uv sync` (installs openai-whisper, which carries the ranks offline), "
-        "or `pip install openai-whisper`, or connect to the network once so tiktoken can "
-        "download and cache them."
+        + f". Fix: {REINSTALL}, or connect to the network once so tiktoken can download and "
+        "cache the ranks."
     )
 
 

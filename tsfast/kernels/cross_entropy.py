@@ -39,6 +39,10 @@ Fused linear cross-entropy, rows in chunks of R (z = h_c W^T, chunk c):
         does not factor; so the forward keeps only (m, log2 s) per row and the backward
         recomputes z per chunk, writes dz = (softmax - onehot) * g_r in place, then dh_c, dW.
 
+Precision: the fused op's three GEMMs are cuBLAS calls (torch.mm / addmm), so with fp32
+inputs they use TF32 exactly when PyTorch's own matmuls do (its fp32 matmul setting; the rule
+Triton dots follow through `tsfast.kernels.precision`); the row kernels have no dot.
+
 Chunk size (`chunk_rows`; unmeasured on a GPU, none was available: the reasoning is FLOP and
 byte counts). Per chunk the three GEMMs do 6 R C V FLOPs; the traffic that does not shrink
 with R is reading W twice (bf16, 4 V C bytes) and reading+writing the fp32 dW accumulator

@@ -10,8 +10,10 @@
 
 Each op module holds its contract (the module docstring), argument checks, cost formula,
 torch path, autocast behaviour and the registration of its Triton kernels as opaque
-torch.library custom ops; tsfast/kernels/ holds the kernels and their launchers. Backend
-selection: ops/_backend.py. The layers and the numerics rule: docs/design.md.
+torch.library custom ops, and its candidates (the Triton path and the plain-PyTorch way,
+among which --kernels auto measures on CUDA: ops/selection.py); tsfast/kernels/ holds the
+kernels and their launchers. Backend selection: ops/_backend.py. The layers and the
+numerics rule: docs/design.md.
 """
 
 from tsfast.ops._backend import BACKENDS, BackendUnavailable, get_backend, triton_cannot_run, use

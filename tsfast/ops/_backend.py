@@ -4,15 +4,17 @@ The backend comes from `tsfast.ops.use(...)` (a function and a context manager; 
 --kernels` calls it), else the environment variable TSFAST_KERNELS, else "auto":
 
 - "torch": the op module's torch path, everywhere.
-- "auto": Triton when the call's tensors are on a CUDA device, Triton imports and the kernel
-  takes the call; else torch (CPU and MPS: always torch). A call the kernel declines (a head
-  dim it lacks, say) goes to torch with a one-time log line.
+- "auto": on a CUDA device, the fastest of the op's candidates that can take the call
+  (Triton kernels and plain-PyTorch ways), measured on first use (ops/selection.py); a call
+  the kernels decline (a head dim they lack, say) is left to the torch candidates, with a
+  one-time log line. CPU and MPS: the torch path, nothing measured.
 - "triton": Triton, or a `BackendUnavailable` that names the reason and the fix. On CPU
   tensors the kernels run only under TRITON_INTERPRET=1 (Triton's slow interpreter).
 
-torch.compile: `use_triton` is evaluated while tracing and compiled in as a constant (select
-the backend before compiling; a later use() does not recompile). Both paths are traceable:
-the Triton path is an opaque `torch.library` custom op (docs/design.md, "Compile").
+torch.compile: `choose` (and `use_triton`) run as plain Python while tracing and are compiled
+in as constants (select the backend before compiling; a later use() does not recompile).
+Every candidate is traceable: the Triton paths are opaque `torch.library` custom ops
+(docs/design.md, "Compile" and "Measured selection").
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from tsfast import meter as _meter
 from tsfast.flops import OpCost
+from tsfast.ops import selection
 
 log = logging.getLogger("tsfast.ops")
 
@@ -141,6 +144,30 @@ def use_triton(op: str, device: torch.device, declined: str | None = None) -> bo
 use_triton._dynamo_marked_constant = True
 
 
+def measures(device: torch.device) -> bool:
+    """Whether calls on `device` are measured and the fastest candidate chosen: under auto,
+    on a CUDA device, with Triton importable (its do_bench is the timer)."""
+    return get_backend() == "auto" and device.type == "cuda" and not triton_missing()
+
+
+def choose(family: selection.Family, device: torch.device, call: tuple, declined: str | None = None) -> str:
+    """The name of the candidate of `family` that runs this call (`call`: the family's
+    description of it, python constants only). --kernels torch / triton: that backend's
+    first candidate (triton raises BackendUnavailable as use_triton does). auto on CUDA:
+    the measured choice among the candidates that can take the call; elsewhere torch."""
+    triton = use_triton(family.op, device, declined)
+    if not measures(device):
+        return family.default("triton" if triton else "torch").name
+    allowed = tuple(c.name for c in family.candidates if triton or c.backend == "torch")
+    if len(allowed) == 1:
+        return allowed[0]
+    autocast = autocast_dtype(device.type)
+    return selection.current().pick(family, device, call, allowed, str(autocast).removeprefix("torch.") if autocast else None)
+
+
+choose._dynamo_marked_constant = True  # as use_triton: evaluated while tracing, compiled in
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force for `device_type`, or None when autocast is off."""
     if torch.is_autocast_enabled(device_type):
@@ -156,3 +183,15 @@ def run(op: str, backend: str, impl, args: tuple, cost) -> torch.Tensor:
         return impl(*args)
     spent: OpCost = cost()
     return meter.time_call(op, backend, spent, impl, args, {})
+
+
+# Custom ops cannot return None: an absent tensor (no gradient asked for, no bias) travels as
+# an empty one and turns back into None on the Python side.
+
+
+def none_as_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def empty_as_none(t: torch.Tensor, wanted: bool = True) -> torch.Tensor | None:
+    return t if wanted and t.numel() else None

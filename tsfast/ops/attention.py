@@ -25,7 +25,8 @@ Backends: torch (CPU/MPS, and anything the kernel declines) is SDPA over rotated
 with ATen's CPU flash kernel and a lean backward for the training shape on CPU; Triton is
 `tsfast/kernels/rope_attention.py` (FlashAttention-2 with the rotation applied to tiles as
 they load), registered below as the custom ops tsfast::rope_attention_fwd / _bwd. The kernel
-takes Tq == Tk, D in KERNEL_HEAD_DIMS, no dropout. Under autocast q, k, v are cast to the
+takes Tq == Tk, D in KERNEL_HEAD_DIMS, no dropout; with doc_ids it skips key blocks wholly
+outside the query block's documents and masks only the blocks on a boundary. Under autocast q, k, v are cast to the
 autocast dtype (as SDPA's autocast does); cos and sin stay fp32.
 """
 
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
 from tsfast.ops._checks import check_float, check_same, float64_declined
-from tsfast.ops.rotary import apply_rope, doc_positions, rotate
+from tsfast.ops.rotary import apply_rope, doc_positions, rope_cos_sin, rotate
+from tsfast.ops.selection import Candidate, Family
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # what the Triton kernel compiles for
 BACKWARD_FACTOR = 2.5  # five products in backward (dV, dP, dQ, dK, recomputed QK^T) vs two
@@ -257,8 +259,6 @@ def _triton_path(q, k, v, cos, sin, doc_ids, causal, scale, dropout_p):
 def kernel_declines(q, k, *, dropout_p: float, doc_ids) -> str | None:
     """Why the Triton kernel cannot take this call (None if it can); reads only shapes and dtypes."""
     D = q.shape[-1]
-    if doc_ids is not None:
-        return "document masking is not in the Triton kernel yet"
     if D not in KERNEL_HEAD_DIMS:
         return f"head dim {D} is not one of {KERNEL_HEAD_DIMS} (change n_embd/n_head)"
     if q.shape[2] != k.shape[2]:
@@ -266,6 +266,35 @@ def kernel_declines(q, k, *, dropout_p: float, doc_ids) -> str | None:
     if dropout_p > 0:
         return "attention dropout is not implemented in the kernel"
     return float64_declined(q)
+
+
+# ----------------------------------------------------------------------------- candidates
+# Under --kernels auto on CUDA the faster of these runs (ops/selection.py); the first of each
+# backend is what --kernels triton / torch run.
+
+
+def _bench_inputs(call, device):
+    """Random inputs of a call's shape: q, k, v as views of one fused projection (the model's
+    layout), with the kernel's cos/sin tables when the call has them."""
+    B, H, Tq, Tk, D, causal, rope, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(B, Tk, 3, H, D, generator=g, device=device).to(getattr(torch, dtype))
+    q, k, v = (t.detach().requires_grad_(grad) for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    q = q[:, :, Tk - Tq:].detach().requires_grad_(grad)
+    cos, sin = rope_cos_sin(Tk, D, device=device) if rope else (None, None)
+    return (q, k, v, cos, sin, None, causal, None, 0.0), ([q, k, v] if grad else [])
+
+
+FAMILY = Family(
+    "rope_attention",
+    (
+        Candidate("triton", "triton", _triton_path),
+        Candidate("torch", "torch", _torch_path),  # rotary, then F.scaled_dot_product_attention
+    ),
+    fields=("B", "H", "Tq", "Tk", "D", "causal", "rope", "dtype", "grad"),
+    bucketed=("B", "Tq", "Tk"),
+    bench_inputs=_bench_inputs,
+)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -277,13 +306,15 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     q: (B, H, Tq, D); k, v: (B, H, Tk, D); cos, sin: (Tk, D/2) fp32 or None;
     doc_ids: (B, Tk) non-decreasing ints or None. Returns (B, H, Tq, D) in q's dtype."""
     _validate(q, k, v, cos, sin, dropout_p, doc_ids)
-    triton = _backend.use_triton("rope_attention", q.device, kernel_declines(q, k, dropout_p=dropout_p, doc_ids=doc_ids))
-    impl = _triton_path if triton else _torch_path
+    B, H, Tq, D = q.shape
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    call = (B, H, Tq, k.shape[2], D, bool(causal), cos is not None, str(q.dtype).removeprefix("torch."), grad)
+    declined = kernel_declines(q, k, dropout_p=dropout_p, doc_ids=doc_ids)
+    chosen = FAMILY.candidate(_backend.choose(FAMILY, q.device, call, declined))
 
     def cost():
-        B, H, Tq, D = q.shape
         pairs = None if doc_ids is None else attended_pairs(doc_ids, Tq, causal)
         return rope_attention_cost(B, H, Tq, D, causal=causal, k_len=k.shape[2], pairs=pairs)
 
-    return _backend.run("rope_attention", "triton" if triton else "torch", impl,
+    return _backend.run("rope_attention", chosen.name, chosen.impl,
                         (q, k, v, cos, sin, doc_ids, causal, scale, dropout_p), cost)

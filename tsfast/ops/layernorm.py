@@ -26,12 +26,17 @@ memory-bound and counted in bytes moved, each tensor read or written once.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
+from tsfast.ops._backend import empty_as_none as _or_none
+from tsfast.ops._backend import none_as_empty as _or_empty
 from tsfast.ops._checks import check_float, check_same, check_vector, float64_declined
+from tsfast.ops.selection import Candidate, Family
 
 ACTIVATIONS = (None, "gelu_tanh")
 
@@ -95,72 +100,59 @@ def _kernels():
     return layernorm_gelu
 
 
-def _or_empty(t, like):
-    return like.new_empty(0) if t is None else t
-
-
-def _or_none(t, wanted: bool = True):
-    return t if wanted and t.numel() else None
 
 
 @torch.library.custom_op("tsfast::layernorm_linear_fwd", mutates_args=())
 def _ln_linear_fwd(x2: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None,
-                   weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, F_ = x2.shape[0], weight.shape[0]
-    if N == 0:
-        stats = x2.new_empty(0, dtype=torch.float32)
-        return x2.new_empty(0, F_, dtype=weight.dtype), stats, stats.clone(), x2.new_empty(0)
-    y, mean, rstd, pre = _kernels().layernorm_linear_forward(x2, ln_weight, ln_bias, weight, bias, gelu=gelu, eps=eps)
+                   weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool, eps: float,
+                   variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd, pre = _kernels().layernorm_linear_forward(
+        x2, ln_weight, ln_bias, weight, bias, activation="gelu_tanh" if gelu else None, eps=eps)
     return y, mean, rstd, _or_empty(pre, y)
 
 
 @_ln_linear_fwd.register_fake
-def _(x2, ln_weight, ln_bias, weight, bias, gelu, eps):
+def _(x2, ln_weight, ln_bias, weight, bias, gelu, eps, variant):
     N, F_ = x2.shape[0], weight.shape[0]
     y = x2.new_empty(N, F_, dtype=weight.dtype)
     stats = x2.new_empty(N, dtype=torch.float32)
-    return y, stats, stats.clone(), (y.new_empty(N, F_) if gelu and N else y.new_empty(0))
+    return y, stats, stats.clone(), (y.new_empty(N, F_) if gelu else y.new_empty(0))
 
 
 @torch.library.custom_op("tsfast::layernorm_linear_bwd", mutates_args=())
 def _ln_linear_bwd(dy2: torch.Tensor, x2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                    ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, weight: torch.Tensor,
-                   bias: torch.Tensor | None, pre: torch.Tensor, input_grads: bool,
-                   weight_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x2.shape[0] == 0:
-        zeros = [torch.zeros_like(t) if t is not None else x2.new_empty(0) for t in (x2, ln_weight, ln_bias, weight, bias)]
-        return tuple(zeros)
+                   bias: torch.Tensor | None, pre: torch.Tensor, input_grads: bool, weight_grads: bool,
+                   variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _kernels().layernorm_linear_backward(
-        dy2, x2, mean, rstd, ln_weight, ln_bias, weight, _or_none(pre),
-        with_bias=bias is not None, input_grads=input_grads, weight_grads=weight_grads)
+        dy2, x2, mean, rstd, ln_weight, ln_bias, weight, _or_none(pre), bias=bias,
+        input_grads=input_grads, weight_grads=weight_grads, variant=variant)
     return tuple(_or_empty(g, x2) for g in grads)
 
 
 @_ln_linear_bwd.register_fake
-def _(dy2, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads):
+def _(dy2, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads, variant):
     def like(t, wanted):
         return t.new_empty(t.shape) if wanted and t is not None else x2.new_empty(0)
 
-    empty_rows = x2.shape[0] == 0
-    return (like(x2, input_grads or empty_rows), like(ln_weight, input_grads or empty_rows),
-            like(ln_bias, input_grads or empty_rows), like(weight, weight_grads or empty_rows),
-            like(bias, weight_grads or empty_rows))
+    return (like(x2, input_grads), like(ln_weight, input_grads), like(ln_bias, input_grads),
+            like(weight, weight_grads), like(bias, weight_grads))
 
 
 def _ln_linear_setup(ctx, inputs, output):
-    x2, ln_weight, ln_bias, weight, bias, gelu, eps = inputs
+    x2, ln_weight, ln_bias, weight, bias, gelu, eps, variant = inputs
     _, mean, rstd, pre = output
     ctx.save_for_backward(x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre)
+    ctx.variant = variant
 
 
 def _ln_linear_backward(ctx, dy, _dmean, _drstd, _dpre):
     x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre = ctx.saved_tensors
     need = ctx.needs_input_grad
     input_grads, weight_grads = any(need[:3]), any(need[3:5])
-    dy2 = dy.contiguous()  # a stride-0 upstream gradient becomes real
-    grads = _ln_linear_bwd(dy2, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads)
-    return (*(_or_none(g, n) for g, n in zip(grads, need[:5], strict=True)), None, None)
+    grads = _ln_linear_bwd(dy, x2, mean, rstd, ln_weight, ln_bias, weight, bias, pre, input_grads, weight_grads,
+                           ctx.variant)
+    return (*(_or_none(g, n) for g, n in zip(grads, need[:5], strict=True)), None, None, None)
 
 
 _ln_linear_fwd.register_autograd(_ln_linear_backward, setup_context=_ln_linear_setup)
@@ -186,7 +178,7 @@ def _layer_norm_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, b
                     mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x2.shape[0] == 0:
         return torch.zeros_like(x2), torch.zeros_like(weight), _or_empty(None if bias is None else torch.zeros_like(bias), x2)
-    dx, dgamma, dbeta = _kernels().layer_norm_backward(dy2, x2, weight, bias, mean, rstd)
+    dx, dgamma, dbeta, _ = _kernels().layer_norm_backward(x2, dy2, weight, bias, mean, rstd, need_dbeta=bias is not None)
     return dx, dgamma, _or_empty(dbeta, x2)
 
 
@@ -218,14 +210,14 @@ def _to(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, activation, eps):
+def _layernorm_linear_triton(x, ln_weight, ln_bias, weight, bias, activation, eps, *, backward="dpre"):
     dtype = _backend.autocast_dtype(x.device.type)
     if dtype is not None:  # autocast: LayerNorm in fp32, the matmul in the autocast dtype
         x, ln_weight, ln_bias = x.float(), ln_weight.float(), _to(ln_bias, torch.float32)
         weight, bias = weight.to(dtype), _to(bias, dtype)
     C = x.shape[-1]
     y = _ln_linear_fwd(x.reshape(-1, C).contiguous(), ln_weight.contiguous(), _contiguous(ln_bias),
-                       weight.contiguous(), _contiguous(bias), activation == "gelu_tanh", float(eps))[0]
+                       weight.contiguous(), _contiguous(bias), activation == "gelu_tanh", float(eps), backward)[0]
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -234,6 +226,67 @@ def _layer_norm_triton(x, weight, bias, eps):
         x, weight, bias = x.float(), weight.float(), _to(bias, torch.float32)
     y = _layer_norm_fwd(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), _contiguous(bias), float(eps))[0]
     return y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- candidates
+# Under --kernels auto on CUDA the fastest of each family runs (ops/selection.py); the first
+# of each backend is what --kernels triton / torch run.
+
+
+def _random(g, device, dtype, *shape, scale=1.0, shift=0.0):
+    return (torch.randn(*shape, generator=g, device=device) * scale + shift).to(getattr(torch, dtype))
+
+
+def _linear_bench_inputs(call, device):
+    N, C, F_, activation, ln_bias, bias, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    x = _random(g, device, dtype, N, C, scale=2.0, shift=0.5)
+    lw = _random(g, device, dtype, C, scale=0.2, shift=1.0)
+    lb = _random(g, device, dtype, C, scale=0.2) if ln_bias else None
+    w = _random(g, device, dtype, F_, C, scale=C**-0.5)
+    b = _random(g, device, dtype, F_, scale=0.2) if bias else None
+    leaves = [t.requires_grad_(grad) for t in (x, lw, lb, w, b) if t is not None]
+    return (x, lw, lb, w, b, activation, 1e-5), (leaves if grad else [])
+
+
+def _norm_bench_inputs(call, device):
+    N, C, bias, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    x = _random(g, device, dtype, N, C, scale=2.0, shift=0.5).requires_grad_(grad)
+    w = _random(g, device, dtype, C, scale=0.2, shift=1.0).requires_grad_(grad)
+    b = _random(g, device, dtype, C, scale=0.2).requires_grad_(grad) if bias else None
+    return (x, w, b, 1e-5), ([t for t in (x, w, b) if t is not None] if grad else [])
+
+
+LAYERNORM_LINEAR = Family(
+    "layernorm_linear",
+    (
+        # backward: dPre = dy * GELU'(pre) written once, then two cuBLAS GEMMs
+        Candidate("triton", "triton", _layernorm_linear_triton),
+        # backward: GELU' recomputed in the prologue of both gradient matmuls (nothing stored)
+        Candidate("triton_prologue", "triton", partial(_layernorm_linear_triton, backward="prologue")),
+        Candidate("torch", "torch", _layernorm_linear_torch),  # F.layer_norm, cuBLAS F.linear, F.gelu
+    ),
+    fields=("N", "C", "F", "act", "ln_bias", "bias", "dtype", "grad"),
+    bucketed=("N",),
+    bench_inputs=_linear_bench_inputs,
+)
+
+LAYER_NORM = Family(
+    "layer_norm",
+    (Candidate("triton", "triton", _layer_norm_triton), Candidate("torch", "torch", _layer_norm_torch)),
+    fields=("N", "C", "bias", "dtype", "grad"),
+    bucketed=("N",),
+    bench_inputs=_norm_bench_inputs,
+)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -250,10 +303,11 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=Non
     check_same("x,weight", (x, weight), "device")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
-    triton = _backend.use_triton("layernorm_linear", x.device, float64_declined(x))
-    impl = _layernorm_linear_triton if triton else _layernorm_linear_torch
     C, F_ = weight.shape[1], weight.shape[0]
-    return _backend.run("layernorm_linear", "triton" if triton else "torch", impl,
+    call = (x.numel() // C, C, F_, activation, ln_bias is not None, bias is not None, _dtype_name(x),
+            _wants_grad(x, ln_weight, ln_bias, weight, bias))
+    chosen = LAYERNORM_LINEAR.candidate(_backend.choose(LAYERNORM_LINEAR, x.device, call, float64_declined(x)))
+    return _backend.run("layernorm_linear", chosen.name, chosen.impl,
                         (x, ln_weight, ln_bias, weight, bias, activation, eps),
                         lambda: layernorm_linear_cost(x.numel() // C, C, F_))
 
@@ -262,8 +316,8 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     """LayerNorm over the last dim of x (..., C); weight, bias: (C,)."""
     _validate_norm(x, weight, bias, eps)
     check_same("x,weight,bias", (x, weight, bias), "dtype")
-    triton = _backend.use_triton("layer_norm", x.device, float64_declined(x))
-    impl = _layer_norm_triton if triton else _layer_norm_torch
     C = x.shape[-1]
-    return _backend.run("layer_norm", "triton" if triton else "torch", impl, (x, weight, bias, eps),
+    call = (x.numel() // C, C, bias is not None, _dtype_name(x), _wants_grad(x, weight, bias))
+    chosen = LAYER_NORM.candidate(_backend.choose(LAYER_NORM, x.device, call, float64_declined(x)))
+    return _backend.run("layer_norm", chosen.name, chosen.impl, (x, weight, bias, eps),
                         lambda: layer_norm_cost(x.numel() // C, C, x.element_size()))

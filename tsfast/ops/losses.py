@@ -4,7 +4,8 @@ Contract (both backends):
 
     cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean") -> loss
     linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean") -> loss
-        = cross_entropy(h @ weight^T, targets), never holding the full (N, V) logits
+        = cross_entropy(h @ weight^T, targets), without the full (N, V) logits in memory
+          (the one exception, chosen only by measurement, is below)
 
 logits: (N, V); h: (N, C); weight: (V, C); targets: (N,) int64/int32, an entry equal to
 ignore_index contributes nothing. reduction: "mean" (over non-ignored targets; 0 when all are
@@ -21,7 +22,10 @@ for inputs that do not require grad, neither backend computes or allocates one.
 Backends: torch chunks rows so that one (rows, V) fp32 logits buffer of at most CHUNK_BYTES
 is reused (three GEMMs a chunk, the gradients computed in the forward). Triton is
 tsfast/kernels/cross_entropy.py: a one-pass online-softmax row kernel, cuBLAS for the
-matmuls, registered below as custom ops.
+matmuls, registered below as custom ops. A third candidate, "torch_full" (F.linear then
+F.cross_entropy on the full logits), runs only when --kernels auto measured it fastest on a
+CUDA GPU and its logits fit in half the free memory (ops/selection.py); the memory promise
+above holds for everything --kernels triton or torch runs.
 
 Cost: cross_entropy is memory-bound and counted in bytes; linear_cross_entropy computes its
 gradients in the forward: 2·N·C·V FLOPs for the logits plus 4·N·C·V for dh and dW when
@@ -35,6 +39,8 @@ import torch.nn.functional as F
 
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
+from tsfast.ops._backend import empty_as_none as _or_none
+from tsfast.ops._backend import none_as_empty as _or_empty
 from tsfast.ops._checks import (
     check_float,
     check_reduction,
@@ -44,6 +50,7 @@ from tsfast.ops._checks import (
     float64_declined,
 )
 from tsfast.ops._chunked_loss import linear_cross_entropy_chunked, reduce_rows
+from tsfast.ops.selection import Candidate, Family
 
 # ----------------------------------------------------------------------------- cost
 
@@ -82,6 +89,27 @@ def _linear_cross_entropy_torch(h, weight, targets, ignore_index, reduction):
         return linear_cross_entropy_chunked(h.to(dtype), weight.to(dtype), targets, ignore_index, reduction)
 
 
+def _linear_cross_entropy_full(h, weight, targets, ignore_index, reduction):
+    """The plain way, a candidate on GPUs: the full (N, V) logits from one cuBLAS GEMM, then
+    F.cross_entropy (autocast applies to both as it would to F.linear + F.cross_entropy)."""
+    return _cross_entropy_torch(F.linear(h, weight), targets, ignore_index, reduction)
+
+
+# Bytes per logit the full-logits way holds at its peak: the logits (bf16 under autocast),
+# their fp32 copy for the loss, and the fp32 gradient with its cast back; 12 is a round bound.
+FULL_LOGITS_BYTES = 12
+
+
+def _full_logits_fits(call, free_bytes: int | None) -> str | None:
+    """The full logits may take at most half the free device memory (the rest of the step's
+    activations are still live when the loss runs)."""
+    N, C, V = call[:3]
+    need = FULL_LOGITS_BYTES * N * V
+    if free_bytes is not None and need > free_bytes // 2:
+        return f"the full logits need ~{need / 2**30:.1f} GiB, over half of the {free_bytes / 2**30:.1f} GiB free"
+    return None
+
+
 # ----------------------------------------------------------------------------- Triton path
 # A None that a custom op cannot return travels as an empty tensor.
 
@@ -92,12 +120,6 @@ def _kernels():
     return cross_entropy
 
 
-def _or_empty(t, like):
-    return like.new_empty(0) if t is None else t
-
-
-def _or_none(t):
-    return t if t.numel() else None
 
 
 @torch.library.custom_op("tsfast::cross_entropy_fwd", mutates_args=())
@@ -213,6 +235,56 @@ def _linear_cross_entropy_triton(h, weight, targets, ignore_index, reduction):
                     grad and h.requires_grad, grad and weight.requires_grad)[0]
 
 
+# ----------------------------------------------------------------------------- candidates
+# Under --kernels auto on CUDA the fastest of each family runs (ops/selection.py); the first
+# of each backend is what --kernels triton / torch run.
+
+
+def _targets(g, device, N: int, V: int) -> torch.Tensor:
+    t = torch.randint(0, V, (N,), generator=g, device=device)
+    return t.masked_fill(torch.rand(N, generator=g, device=device) < 0.05, -100)
+
+
+def _ce_bench_inputs(call, device):
+    N, V, reduction, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(N, V, generator=g, device=device) * 2).to(getattr(torch, dtype)).requires_grad_(grad)
+    return (logits, _targets(g, device, N, V), -100, reduction), ([logits] if grad else [])
+
+
+def _lce_bench_inputs(call, device):
+    N, C, V, reduction, dtype, grad = call
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(N, C, generator=g, device=device).to(getattr(torch, dtype)).requires_grad_(grad)
+    w = (torch.randn(V, C, generator=g, device=device) * C**-0.5).to(getattr(torch, dtype)).requires_grad_(grad)
+    return (h, w, _targets(g, device, N, V), -100, reduction), ([h, w] if grad else [])
+
+
+CROSS_ENTROPY = Family(
+    "cross_entropy",
+    (Candidate("triton", "triton", _cross_entropy_triton), Candidate("torch", "torch", _cross_entropy_torch)),
+    fields=("N", "V", "reduction", "dtype", "grad"),
+    bucketed=("N",),
+    bench_inputs=_ce_bench_inputs,
+)
+
+LINEAR_CROSS_ENTROPY = Family(
+    "linear_cross_entropy",
+    (
+        Candidate("triton", "triton", _linear_cross_entropy_triton),
+        Candidate("torch", "torch", _linear_cross_entropy_torch),  # chunked rows (CPU/MPS default)
+        Candidate("torch_full", "torch", _linear_cross_entropy_full, fits=_full_logits_fits),
+    ),
+    fields=("N", "C", "V", "reduction", "dtype", "grad"),
+    bucketed=("N",),
+    bench_inputs=_lce_bench_inputs,
+)
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 # ----------------------------------------------------------------------------- the ops
 
 
@@ -224,10 +296,10 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
     check_targets(targets, logits.shape[0], logits)
     check_target_range(targets, logits.shape[1], ignore_index)
     check_reduction(reduction)
-    triton = _backend.use_triton("cross_entropy", logits.device, float64_declined(logits))
-    impl = _cross_entropy_triton if triton else _cross_entropy_torch
     N, V = logits.shape
-    return _backend.run("cross_entropy", "triton" if triton else "torch", impl,
+    call = (N, V, reduction, _dtype_name(logits), torch.is_grad_enabled() and logits.requires_grad)
+    chosen = CROSS_ENTROPY.candidate(_backend.choose(CROSS_ENTROPY, logits.device, call, float64_declined(logits)))
+    return _backend.run("cross_entropy", chosen.name, chosen.impl,
                         (logits, targets, ignore_index, reduction),
                         lambda: cross_entropy_cost(N, V, logits.element_size()))
 
@@ -247,9 +319,10 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="me
     check_targets(targets, h.shape[0], h)
     check_target_range(targets, weight.shape[0], ignore_index)
     check_reduction(reduction)
-    triton = _backend.use_triton("linear_cross_entropy", h.device, float64_declined(h))
-    impl = _linear_cross_entropy_triton if triton else _linear_cross_entropy_torch
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _backend.run("linear_cross_entropy", "triton" if triton else "torch", impl,
+    call = (h.shape[0], h.shape[1], weight.shape[0], reduction, _dtype_name(h), with_grad)
+    chosen = LINEAR_CROSS_ENTROPY.candidate(
+        _backend.choose(LINEAR_CROSS_ENTROPY, h.device, call, float64_declined(h)))
+    return _backend.run("linear_cross_entropy", chosen.name, chosen.impl,
                         (h, weight, targets, ignore_index, reduction),
                         lambda: linear_cross_entropy_cost(h.shape[0], h.shape[1], weight.shape[0], with_grad=with_grad))

@@ -15,13 +15,26 @@ resume.pt adds: optimizer, scaler, rng (torch, cuda, numpy, python), data_step, 
 
 A write goes to a temporary file in the same directory, is flushed and fsynced, then renamed
 over the old file (`os.replace` is atomic), so a crash or kill mid-write leaves the previous
-checkpoint whole.
+checkpoint whole. `save_checkpoint` first checks the free disk, and turns a failing write
+(disk full, permission) into one OutputError line.
+
+Integrity (format version 2): the key `payload_sha256` holds the sha256 of every other key,
+tensors by dtype, shape and bytes (`payload_sha256()`). `read_checkpoint`, which --resume,
+sample.py and the demo all go through, recomputes it and refuses a file whose contents
+changed after it was written; a version-1 file (no checksum) loads with a one-line note.
+Then every field is checked by type and range (tsfast.train.ckpt_fields), so an edited or
+damaged file is one CheckpointError naming the field, never a traceback later on. Hashing
+runs at about 1 GB/s: 0.1 s for a baby_cpu checkpoint's 64 MB of weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +44,14 @@ import torch
 
 from tsfast.config import MODEL_FIELDS, ConfigError, GPTConfig
 from tsfast.model import GPT
+from tsfast.train.ckpt_fields import CheckpointError, check_fields
+from tsfast.train.outdir import OutputError, check_free_space
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: payload_sha256
+CHECKSUM_KEY = "payload_sha256"
 REQUIRED_KEYS = ("format_version", "model", "model_config", "train_config", "vocab", "step")
 RESUME_KEYS = ("optimizer", "scaler", "rng", "data_step")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit what is asked of it."""
+__all__ = ["CheckpointError", "LoadedModel", "read_checkpoint", "save_checkpoint", "load_for_inference"]
 
 
 @dataclass
@@ -82,6 +95,76 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         pass  # some filesystems cannot fsync a directory; the data itself is synced
 
 
+def _to_cpu(obj):
+    """The same nested payload with every tensor on the CPU (hashed and saved from there)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _feed(digest, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}:".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, list | tuple):  # a tuple may come back a list: the same here
+        digest.update(f"L{len(obj)}:".encode())
+        for value in obj:
+            _feed(digest, value)
+    else:  # None, bool, int, float, str: repr is exact and unambiguous with its length
+        text = f"{type(obj).__name__}:{obj!r}"
+        digest.update(f"S{len(text)}:{text}".encode())
+
+
+def payload_sha256(state: dict) -> str:
+    """sha256 of every key of a checkpoint dict but the checksum itself, in key order."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return digest.hexdigest()
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Seal `state` with its checksum and save it atomically, after checking the free disk.
+    A failing write raises OutputError (one line); the previous file at `path` stays."""
+    path = Path(path)
+    state = _to_cpu(state)
+    state[CHECKSUM_KEY] = payload_sha256(state)
+    size = _tensor_bytes(state)
+    check_free_space(path, size)
+    try:
+        save_atomic(state, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+        try:
+            if shutil.disk_usage(path.parent).free < size:
+                reason = f"the disk is full: {reason}"
+        except OSError:
+            pass
+        raise OutputError(
+            f"could not write {path} ({reason}); the previous {path.name} is unchanged. Free some "
+            "disk space or fix the directory's permissions, then continue with --resume"
+        ) from None
+
+
 def rng_state() -> dict:
     """Every random generator training uses, as weights_only-loadable plain types."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -107,8 +190,15 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_checkpoint(path: str | os.PathLike, *, resume: bool = False) -> dict:
-    """Load a checkpoint dict onto the CPU, or raise CheckpointError saying what is wrong."""
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def read_checkpoint(path: str | os.PathLike, *, resume: bool = False,
+                    note: Callable[[str], None] = _note) -> dict:
+    """Load a checkpoint dict onto the CPU, verify its checksum and check every field, or
+    raise CheckpointError saying what is wrong and what to do. `note` receives the one line
+    about a file too old to carry a checksum (default: printed to stderr)."""
     path = Path(path)
     if not path.is_file():
         what = "resume checkpoint" if resume else "checkpoint"
@@ -125,16 +215,36 @@ def read_checkpoint(path: str | os.PathLike, *, resume: bool = False) -> dict:
         ) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a tsfast checkpoint dict")
+    unchecked = _verify_checksum(ckpt, path)
     missing = [k for k in REQUIRED_KEYS + (RESUME_KEYS if resume else ()) if k not in ckpt]
     if missing:
         hint = " (ckpt.pt holds only the model; resume from resume.pt)" if resume and "optimizer" in missing else ""
         raise CheckpointError(f"{path} is not a tsfast {'resume ' if resume else ''}checkpoint: it lacks {', '.join(missing)}{hint}")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format version {ckpt['format_version']}; this tsfast reads up to "
-            f"{FORMAT_VERSION}: update tsfast"
-        )
+    check_fields(ckpt, path, resume=resume, max_version=FORMAT_VERSION)
+    if unchecked:
+        note(f"{path} was written before tsfast checkpoints carried a checksum: it loads, unverified")
     return ckpt
+
+
+def _verify_checksum(ckpt: dict, path: Path) -> bool:
+    """Raise CheckpointError if the stored checksum does not match; True if there is none
+    in a file old enough not to have one."""
+    stored = ckpt.get(CHECKSUM_KEY)
+    if stored is None:
+        version = ckpt.get("format_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version >= 2:
+            raise CheckpointError(
+                f"{path} has format version {version} but lacks its checksum ({CHECKSUM_KEY}): "
+                "it was edited or damaged; use the other checkpoint (ckpt.pt / resume.pt) or train again"
+            )
+        return True
+    if stored != payload_sha256(ckpt):
+        raise CheckpointError(
+            f"{path} is damaged: its contents do not match the checksum stored in it (changed after "
+            "it was written: a disk or copy error, or an edit); use the other checkpoint (ckpt.pt / "
+            "resume.pt) or train again"
+        )
+    return False
 
 
 def model_config_of(ckpt: dict, path: str | os.PathLike = "checkpoint") -> GPTConfig:
@@ -183,14 +293,15 @@ def vocab_of(ckpt: dict):
     return CompactVocab.from_state_dict(ckpt["vocab"])
 
 
-def load_for_inference(path: str | os.PathLike = "out/ckpt.pt", device: str = "auto") -> LoadedModel:
+def load_for_inference(path: str | os.PathLike = "out/ckpt.pt", device: str = "auto",
+                       note: Callable[[str], None] = _note) -> LoadedModel:
     """The model of a checkpoint, in eval mode on `device` ("auto": CUDA, MPS, then CPU).
 
     Raises CheckpointError for a missing, corrupt or incompatible file.
     """
     from tsfast.train.runtime import resolve_device
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, note=note)
     model = GPT(model_config_of(ckpt, path))
     load_model_state(model, ckpt, path)
     dtype = ckpt["model"]["wte.weight"].dtype

@@ -4,16 +4,24 @@
                         machine, else tiny
     --set KEY=VALUE     any config field (repeatable); also --KEY VALUE for every field
     --resume [PATH]     continue from PATH (default: <out_dir>/resume.pt)
+    --init_from MODEL   start from a Hugging Face GPT-2 (gpt2, gpt2-medium, ..., OWNER/NAME or a
+                        directory): its shape, the preset's training settings (tsfast.hf.load)
 
-Exit codes: 0 done; 1 the loss became non-finite; 2 bad input (one message, nothing written);
-128 + N stopped by signal N after writing resume.pt (130 SIGINT, 143 SIGTERM).
+Exit codes: 0 done; 1 the loss became non-finite; 2 bad input (one message, nothing written:
+flags, config, data, checkpoint, an --out_dir that is a file, not writable or in use by
+another run, a run that cannot fit in memory); 3 a write into --out_dir failed mid-run (disk
+full, permission; the last good checkpoints stay); 128 + N stopped by signal N after writing
+resume.pt (129 SIGHUP, 130 SIGINT, 141 stdout closed, 143 SIGTERM), or at once, without
+saving, on a second signal (the same code).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from tsfast.config import (
 
 EXIT_NONFINITE = 1
 EXIT_BAD_INPUT = 2
+EXIT_OUTPUT = 3
 
 
 class UsageError(ValueError):
@@ -44,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="train.py",
         description="Train a GPT on TinyStories (or the synthetic corpus).",
-        epilog="Exit codes: 0 done, 1 non-finite loss, 2 bad input, 128+N stopped by signal N "
-        "(resume.pt written). Several processes: torchrun --standalone --nproc_per_node=N train.py ...",
+        epilog="Exit codes: 0 done, 1 non-finite loss, 2 bad input, 3 a write into --out_dir failed "
+        "mid-run, 128+N stopped by signal N (resume.pt written). Several processes: "
+        "torchrun --standalone --nproc_per_node=N train.py ...",
         allow_abbrev=False,
     )
     p.add_argument("--config", help=f"preset: {', '.join(PRESETS)} (default: baby_gpu with CUDA, else tiny)")
@@ -86,10 +96,14 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set {item!r} needs the form key=value, e.g. --set lr=3e-4")
-        overrides[key.strip()] = value.strip()
+        overrides[key.strip().replace("-", "_")] = value.strip()
     for name in overridable_fields():
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+        value = getattr(args, name)
+        if value is not None:
+            if name in overrides and overrides[name] != value:
+                raise UsageError(f"{name} is given twice: --set {name}={overrides[name]} and --{name} "
+                                 f"{value}; give it once")
+            overrides[name] = value
     notes = []
     resume = None
     if args.resume is not None:
@@ -97,7 +111,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
 
         out_dir = overrides.get("out_dir", "out")
         path = Path(out_dir) / "resume.pt" if args.resume == "auto" else Path(args.resume)
-        resume = ckpt_io.read_checkpoint(path, resume=True)
+        resume = ckpt_io.read_checkpoint(path, resume=True, note=lambda line: notes.append(f"note: {line}"))
         if args.config is None:
             try:
                 base = TrainConfig(**ckpt_io.saved_train_config(resume))
@@ -117,37 +131,74 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
         on_cuda = overrides.get("device") in (None, "auto", "cuda") and _cuda_available()
         name = "baby_gpu" if on_cuda else "tiny"
         why = "a CUDA GPU is available" if on_cuda else "no CUDA GPU here (it trains in a few minutes on a CPU)"
+        if not on_cuda and overrides.get("device") in (None, "auto"):
+            from tsfast.train.runtime import unusable_gpu
+
+            if unusable_gpu():
+                why = "the NVIDIA GPU here cannot be used by this PyTorch (see the warning that follows)"
         cfg = apply_overrides(preset(name), overrides)
         notes.append(f"config: {name}, because {why}; choose with --config {{{','.join(PRESETS)}}}")
+    if cfg.init_from:
+        from tsfast.hf.load import plan_init
+
+        cfg, init_notes = plan_init(cfg, explicit=set(overrides))
+        notes += init_notes
     if "compile" not in overrides and cfg.name in GPU_PRESETS and cfg.compile:
         notes.append("torch.compile: on (GPU preset; --no-compile turns it off)")
     return cfg, resume, notes
 
 
+def check_optional_packages(cfg: TrainConfig) -> None:
+    """A flag that needs a package a plain install leaves out: say how to get it, up front."""
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "--wandb needs the wandb package, which a plain install leaves out: run "
+            "`uv run python train.py --wandb ...` (pip: pip install 'tinystories-fast[wandb]')"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tsfast.clitools import EXIT_BROKEN_PIPE, silence_stdout
     from tsfast.ops import BackendUnavailable
     from tsfast.train.checkpoint import CheckpointError
     from tsfast.train.loop import NonFiniteLoss, train
+    from tsfast.train.outdir import OutDirError, OutputError
     from tsfast.train.runtime import DeviceError
+    from tsfast.train.signals import startup_signals
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         from tsfast.data.meta import DataError
     except ImportError:  # the data package is absent: nothing raises its error
         DataError = ConfigError
+    bad_input = (UsageError, ConfigError, CheckpointError, DeviceError, BackendUnavailable, DataError, OutDirError)
     try:
-        cfg, resume, notes = parse(argv)
-        if is_main:
-            for line in notes:
-                print(line, flush=True)
-        result = train(cfg, resume=resume)
-    except (UsageError, ConfigError, CheckpointError, DeviceError, BackendUnavailable, DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        with startup_signals():
+            cfg, resume, notes = parse(argv)
+            check_optional_packages(cfg)
+            if is_main:
+                for line in notes:
+                    print(line, flush=True)
+            result = train(cfg, resume=resume)
+    except bad_input as e:
+        return _fail(f"train.py: error: {e}", EXIT_BAD_INPUT)
     except NonFiniteLoss as e:
-        print(f"train.py: {e}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
-    except KeyboardInterrupt:
-        print("train.py: interrupted (a second signal stops at once, without saving)", file=sys.stderr, flush=True)
-        return 130
+        return _fail(f"train.py: {e}", EXIT_NONFINITE)
+    except OutputError as e:
+        return _fail(f"train.py: error: {e}", EXIT_OUTPUT)
+    except BrokenPipeError:  # stdout's reader left before the run started
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        return _fail(f"train.py: stopped by {signal.Signals(signum).name} without saving "
+                     "(the last good checkpoints stay)", 128 + signum)
     return result.exit_code
+
+
+def _fail(message: str, code: int) -> int:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    return code

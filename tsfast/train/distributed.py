@@ -64,6 +64,15 @@ def any_rank(d: Dist, flag: bool) -> bool:
     return bool(t.item())
 
 
+def broadcast_object(d: Dist, obj):
+    """Rank 0's `obj` (any picklable value) on every rank, over the gloo group."""
+    if not d.enabled:
+        return obj
+    box = [obj if d.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=d.flag_group)
+    return box[0]
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier(group=d.flag_group)

@@ -6,12 +6,18 @@ AdamW, learning rate from `schedule.lr_at`. Every log interval: a console line a
 metrics.jsonl record; every eval interval (and at the end): train/val loss on fixed batches,
 out/ckpt.pt when val loss improves, out/resume.pt always.
 
+Before any work: the device, dtype, kernels, seed and a memory estimate are checked, then
+--out_dir is created, checked and locked for the run (tsfast.train.outdir).
+
 Stops early, always at a step boundary and on every rank at the same step:
-- SIGINT / SIGTERM: writes out/resume.pt, exit code 128 + the signal number (a second signal
-  stops at once);
+- SIGINT / SIGTERM / SIGHUP: writes out/resume.pt, exit code 128 + the signal number; a
+  second signal stops at once, without saving, with the same code (tsfast.train.signals);
+- stdout closed by its reader (`train.py | head`): like a signal, SIGPIPE's 141;
 - a non-finite loss: `NonFiniteLoss` naming the step, nothing written (the last good
   checkpoints stay). Losses are checked on the device every step and read back at log and
-  eval steps, so no step waits on a host sync for it.
+  eval steps, so no step waits on a host sync for it;
+- a failing write into --out_dir (disk full, permission): `OutputError`, one line, exit code
+  3; the last good checkpoints stay.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import hashlib
 import json
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +36,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tsfast import flops, ops
-from tsfast.config import ConfigError, TrainConfig
+from tsfast.config import SEED_MAX, ConfigError, TrainConfig
 from tsfast.model import GPT
+from tsfast.ops import selection
 from tsfast.train import checkpoint as ckpt_io
 from tsfast.train import data as data_mod
-from tsfast.train import distributed, runtime
+from tsfast.train import distributed, kernel_choice, outdir, runtime
+from tsfast.train.ckpt_fields import CheckpointError, check_optimizer_state
 from tsfast.train.logs import RunLog
+from tsfast.train.outdir import OutputError
 from tsfast.train.schedule import lr_at
+from tsfast.train.signals import StopSignals
 
 SAMPLE_PROMPT = "Once upon a time"
 DEBUG_DUMP_ENV = "TSFAST_DEBUG_DUMP"  # test aid: a directory for one JSON per rank at the end
@@ -52,33 +61,9 @@ class TrainResult:
     step: int
     best_val_loss: float | None
     val_loss: float | None
-    stopped_by: str | None  # None when max_iters was reached, else "SIGINT", "SIGTERM" or "stop_at"
+    stopped_by: str | None  # None when max_iters was reached, else "SIGINT", "SIGTERM", "SIGPIPE", ... or "stop_at"
     exit_code: int
     sample: str | None
-
-
-class StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second one stops now."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -116,8 +101,24 @@ class Trainer:
                 f"grad_accum={cfg.grad_accum} must be a multiple of the {self.dist.world_size} "
                 "processes (it counts micro-steps summed over all of them)"
             )
+        if cfg.seed + self.dist.world_size - 1 > SEED_MAX:
+            raise ConfigError(f"seed={cfg.seed}: process i uses seed + i, which must stay <= {SEED_MAX}")
+        runtime.check_memory(cfg, self.device)
         self.accum = cfg.grad_accum // self.dist.world_size
+        self.lock = outdir.open_out_dir(cfg.out_dir) if self.dist.is_main else None
+        try:
+            self._setup(resume)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _setup(self, resume: dict | None) -> None:
+        cfg = self.cfg
         self.log = RunLog(cfg.out_dir, is_main=self.dist.is_main)
+        fallback = runtime.auto_device_warning(cfg.device, self.device)
+        if fallback:
+            self.log.warn(fallback)
         distributed.init(self.dist, self.device)
         runtime.fast_math(self.device)
 
@@ -130,6 +131,10 @@ class Trainer:
 
         runtime.seed_everything(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(cfg.model_config(self.corpus.vocab_size)).to(self.device)
+        if cfg.init_from and resume is None:
+            from tsfast.hf.load import init_weights
+
+            init_weights(self.model, cfg.init_from)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.step = 0
@@ -159,16 +164,31 @@ class Trainer:
         )
         self.device_name = runtime.device_name(self.device)
         self.meter = None
+        self.logged_choices: int | None = None  # kernel choices logged so far; None: none measured
         self.signals = StopSignals()
 
     # ------------------------------------------------------------------ state
 
     def _restore(self, ckpt: dict) -> None:
-        ckpt_io.load_model_state(self.model, ckpt, "the resume checkpoint")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        states = ckpt["rng"]
-        ckpt_io.set_rng_state(states[self.dist.rank] if self.dist.rank < len(states) else states[0])
+        where = "the resume checkpoint"
+        ckpt_io.load_model_state(self.model, ckpt, where)
+        part = "optimizer"
+        try:  # the fields' types were checked on reading; these check them against the model
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            check_optimizer_state(self.optimizer, where)
+            part = "scaler"
+            self.scaler.load_state_dict(ckpt["scaler"])
+            part = "rng"
+            states = ckpt["rng"]
+            ckpt_io.set_rng_state(states[self.dist.rank] if self.dist.rank < len(states) else states[0])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{where}'s {part} state does not fit this run ({first}); resume from another "
+                "checkpoint or start fresh without --resume"
+            ) from None
         self.step = int(ckpt["step"])
         self.best_val_loss = ckpt.get("best_val_loss")
         self.val_loss = ckpt.get("val_loss")
@@ -182,6 +202,7 @@ class Trainer:
             "model_config": dataclasses.asdict(self.model.config),
             "train_config": dataclasses.asdict(self.cfg),
             "vocab": self.corpus.vocab.state_dict() if self.corpus.vocab is not None else None,
+            "data_dir": str(self.corpus.data_dir),
             "step": self.step,
             "best_val_loss": self.best_val_loss,
             "val_loss": self.val_loss,
@@ -207,16 +228,27 @@ class Trainer:
         torch.distributed.all_gather_object(states, mine, group=self.dist.flag_group)
         return states
 
-    def save_resume(self) -> None:
-        rng = self._gather_rng()
-        if self.dist.is_main:
-            ckpt_io.save_atomic(self._checkpoint("resume", rng), Path(self.cfg.out_dir) / "resume.pt")
-            self.saves += 1
+    def _write(self, kind: str, rng: list | None = None) -> OutputError | None:
+        """Rank 0 writes one checkpoint; the error of a failing write is returned, so that
+        every rank can learn of it (`_agree`) before any of them stops."""
+        name = "resume.pt" if kind == "resume" else "ckpt.pt"
+        try:
+            ckpt_io.save_checkpoint(self._checkpoint(kind, rng), Path(self.cfg.out_dir) / name)
+        except OutputError as e:
+            return e
+        self.saves += 1
+        return None
 
-    def save_best(self) -> None:
-        if self.dist.is_main:
-            ckpt_io.save_atomic(self._checkpoint("best"), Path(self.cfg.out_dir) / "ckpt.pt")
-            self.saves += 1
+    def _agree(self, error: Exception | None) -> None:
+        """Raise on every rank if a write (or the log) failed on rank 0."""
+        if distributed.any_rank(self.dist, error is not None):
+            raise error or OutputError("rank 0 could not write into --out_dir; its message says why")
+
+    def save_resume(self, error: OutputError | None = None) -> None:
+        rng = self._gather_rng()
+        if self.dist.is_main and error is None:
+            error = self._write("resume", rng)
+        self._agree(error)
 
     # ------------------------------------------------------------------ steps
 
@@ -266,7 +298,8 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the loss is not finite (NaN or inf) at {where}: stopping without saving. "
                 + (f"The last good checkpoints stay: {', '.join(kept)}. " if kept else "No checkpoint was written yet. ")
-                + f"Lower --lr (now {self.cfg.lr:g}), raise --warmup_iters, or check --grad_clip."
+                + f"Lower --lr (now {self.cfg.lr:g}), raise --warmup_iters, or check --grad_clip "
+                f"(now {self.cfg.grad_clip:g}) and --weight_decay (now {self.cfg.weight_decay:g})."
             )
 
     def log_interval(self, loss_sum: torch.Tensor, steps: int, lr: float, seconds: float) -> None:
@@ -285,6 +318,7 @@ class Trainer:
         self.log.train(rec, lines, metrics)
 
     def eval_and_save(self) -> None:
+        error = None
         if self.dist.is_main:
             losses = self.evaluate()
             self.val_loss = losses["val"]
@@ -294,15 +328,35 @@ class Trainer:
             self.log.eval({"step": self.step, "train_loss": losses["train"], "val_loss": self.val_loss,
                            "best_val_loss": self.best_val_loss})
             if improved:
-                self.save_best()
-        self.save_resume()
+                error = self._write("best")
+            self.log_new_choices()
+        self.save_resume(error)
 
     # ------------------------------------------------------------------ run
+
+    def choose_kernels(self) -> None:
+        """--kernels auto on CUDA: measure the candidates of every op before the first step
+        (tsfast/train/kernel_choice.py), and log the choices."""
+        records = kernel_choice.select(self.model, self.cfg.batch_size, self.cfg.block_size,
+                                       self.device, self.dtype, self.dist)
+        if records is not None:
+            self.logged_choices = 0
+            self.log_new_choices()
+
+    def log_new_choices(self) -> None:
+        """Log choices made since the last call (a shape first met later, in sampling say)."""
+        if not self.dist.is_main or self.logged_choices is None:
+            return
+        new = selection.current().records()[self.logged_choices:]
+        self.logged_choices += len(new)
+        self.log.kernels(self.step, new, selection.format_table(new))
 
     def announce(self) -> None:
         cfg = self.cfg
         say = self.log.say
         say(self.corpus.why)
+        if self.lock is not None and self.lock.warning:
+            self.log.warn(self.lock.warning)
         say(f"model: {cfg.name}, {self.num_params:,} parameters ({self.num_params / 1e6:.2f}M), "
             f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, context {cfg.block_size}, "
             f"vocabulary {self.corpus.vocab_size} (padded to {self.model.config.padded_vocab_size}), "
@@ -323,12 +377,13 @@ class Trainer:
         if cfg.wandb:
             self.log.start_wandb(project=cfg.wandb_project, name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                  config=dataclasses.asdict(cfg), run_id=self.wandb_run_id)
+        self.choose_kernels()
         if cfg.meter:
             from tsfast import meter
 
             self.meter = meter.enable()
         self.signals.install()
-        stopped_by = None
+        stopped_by, signum = None, None
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         loss_sum, steps, seconds = torch.zeros((), device=self.device), 0, 0.0
         start_step, train_seconds, t_start = self.step, 0.0, time.perf_counter()
@@ -357,8 +412,10 @@ class Trainer:
                 if self.meter is not None:
                     self.meter.reset()
                 t0 = time.perf_counter()
-            signum = self.signals.signum
-            if distributed.any_rank(self.dist, signum is not None or self.step == stop_at):
+            signum = self.signals.signum or (signal.SIGPIPE if self.log.pipe_closed else None)
+            if distributed.any_rank(self.dist, signum is not None or self.step == stop_at
+                                    or self.log.error is not None):
+                self._agree(self.log.error)
                 self.check_finite(first_bad)
                 stopped_by = signal.Signals(signum).name if signum is not None else "signal on another process"
                 if self.step == stop_at and signum is None:
@@ -379,10 +436,11 @@ class Trainer:
         if stopped_by is None and cfg.sample_at_end and self.dist.is_main:
             sample = self.sample()
             self.log.say(f"sample after {self.step} iterations:\n{sample}")
+            self.log_new_choices()
         self.dump_debug()
         code = 0
         if stopped_by not in (None, "stop_at"):
-            code = 128 + (self.signals.signum or signal.SIGTERM)
+            code = 128 + (signum or signal.SIGTERM)
         return TrainResult(self.step, self.best_val_loss, self.val_loss, stopped_by, code, sample)
 
     def sample(self, max_new_tokens: int = 200) -> str:
@@ -415,12 +473,16 @@ class Trainer:
 
     def close(self, finished: bool = False) -> None:
         self.signals.restore()
-        self.log.close()
-        if self.meter is not None:
-            from tsfast import meter
+        try:
+            self.log.close()
+        finally:
+            if self.meter is not None:
+                from tsfast import meter
 
-            meter.disable()
-        distributed.shutdown(self.dist, wait_for_peers=finished)
+                meter.disable()
+            distributed.shutdown(self.dist, wait_for_peers=finished)
+            if self.lock is not None:
+                self.lock.release()
 
 
 def train(cfg: TrainConfig, *, resume: dict | None = None, stop_at: int | None = None) -> TrainResult:

@@ -1,0 +1,1 @@
+"""`python -m tsfast.gpucheck`: the whole GPU story in one command (see __main__.py)."""
