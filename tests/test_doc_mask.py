@@ -126,8 +126,8 @@ def test_doc_mask_defaults():
     from tsfast.config import TrainConfig
 
     assert TrainConfig().doc_mask is False
-    assert {name: preset(name).doc_mask for name in ("tiny", "baby_gpu", "gpt2")} == {
-        "tiny": True, "baby_gpu": False, "gpt2": False}
+    assert {name: preset(name).doc_mask for name in ("tiny", "baby_cpu", "baby_gpu", "gpt2")} == {
+        "tiny": True, "baby_cpu": True, "baby_gpu": False, "gpt2": False}
 
 
 # ----------------------------------------------------------------------------- training, eval
@@ -209,8 +209,8 @@ def test_resume_keeps_doc_mask_and_refuses_another(corpus, masked_out, capsys): 
 def test_checkpoints_without_doc_mask_read_as_false(corpus, masked_out, tmp_path):  # noqa: F811
     for name in ("ckpt.pt", "resume.pt"):
         ckpt = torch.load(masked_out / name, weights_only=True)
-        ckpt["train_config"].pop("doc_mask")
-        save_edited(tmp_path / name, ckpt)  # resealed: a checkpoint from before the field, not a damaged one
+        old = {k: v for k, v in ckpt["train_config"].items() if k != "doc_mask"}
+        save_edited(tmp_path / name, ckpt, train_config=old)
     assert ckpt_io.load_for_inference(tmp_path / "ckpt.pt", device="cpu").doc_mask is False
     cfg, _, _ = parse(["--resume", "--out_dir", str(tmp_path)])
     assert cfg.doc_mask is False

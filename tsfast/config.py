@@ -168,7 +168,7 @@ PRESETS: dict[str, TrainConfig] = {
         weight_decay=0.0, eval_interval=100, eval_iters=8, log_interval=20,
     ),
     "baby_cpu": TrainConfig(
-        name="baby_cpu", n_layer=4, n_head=4, n_embd=256, block_size=512,
+        name="baby_cpu", n_layer=4, n_head=4, n_embd=256, block_size=512, doc_mask=True,
         batch_size=8, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=200,
         lr_schedule="cosine", eval_interval=250, eval_iters=20, log_interval=10,
     ),
