@@ -44,15 +44,16 @@ def collect(events) -> tuple[dict, dict]:
 
 
 def recording_forward(model) -> list[tuple[int, int]]:
-    """(batch, tokens) of every forward the model runs from now on."""
+    """(batch, tokens) of every forward the model runs from now on (batched decoding runs
+    `model.hidden` and its own output layer)."""
     shapes = []
-    real = model.forward
+    real = model.hidden
 
     def forward(idx, *args, **kwargs):
         shapes.append(tuple(idx.shape))
         return real(idx, *args, **kwargs)
 
-    model.forward = forward
+    model.hidden = forward
     return shapes
 
 
@@ -110,7 +111,7 @@ def test_finished_sequences_leave_the_batch_and_identical_prompts_share_a_prefil
     assert shapes[0] == (1, 13)  # one prefill for the three rows
     steps = [b for b, t in shapes if t == 1]
     assert steps == [3] * 3 + [2] * 5 + [1] * 11  # a row leaves after its last token
-    del model.forward
+    del model.hidden
     for i, r in enumerate(requests):
         assert_same_or_tie(model, prompt, tokens[i], single(model, r))
 
@@ -120,14 +121,14 @@ def test_cancel_and_a_failing_request_leave_the_others_alone(monkeypatch):
     V = model.config.vocab_size
     bad = [7, 1, 2]
     good = [random_request(V, n, 30) for n in (5, 9)]
-    real = model.forward
+    real = model.hidden
 
     def forward(idx, *args, **kwargs):
         if bad in idx.tolist():
             raise RuntimeError("this prompt breaks the model")
         return real(idx, *args, **kwargs)
 
-    model.forward = forward
+    model.hidden = forward
     dec = BatchDecoder(model, max_batch=4)
     keys = [dec.add(r) for r in good]
     doomed = dec.add(random_request(V, 4, 30))
@@ -156,11 +157,11 @@ def test_cancel_and_a_failing_request_leave_the_others_alone(monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    model.forward = out_of_memory
+    model.hidden = out_of_memory
     token, failed = dec.step()  # the token sampled before the forward, then the failure
     assert token.token is not None and failed.end == "error" and "out of memory" in str(failed.error)
     assert not dec.busy
-    model.forward = real
+    model.hidden = real
     r = random_request(V, 5, 10)
     dec.add(r, key="again")
     events = []

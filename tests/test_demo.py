@@ -296,14 +296,14 @@ def test_eight_users_at_once_one_stops_one_sends_a_bad_value_one_fails(server, p
     boom = "Boom! goes the model, and the story is over before it started."
     boom_len = len(encode(boom))  # the prefill of this length fails (the others are 4 and 96 long)
     assert boom_len not in (len(encode("Once upon a time")), 96)
-    real_forward = GPT.forward
+    real_hidden = GPT.hidden
 
-    def forward(self, idx, *args, **kwargs):
+    def hidden(self, idx, *args, **kwargs):
         if idx.shape[1] == boom_len:
             raise RuntimeError("this prompt breaks the model")
-        return real_forward(self, idx, *args, **kwargs)
+        return real_hidden(self, idx, *args, **kwargs)
 
-    monkeypatch.setattr(GPT, "forward", forward)
+    monkeypatch.setattr(GPT, "hidden", hidden)
     seeds = random.sample(range(10**6), 5)
     alone = [ask(client, seed=s, max_new_tokens=40)[0] for s in seeds]
     users = [Client(url, verbose=False) for _ in range(8)]

@@ -73,6 +73,7 @@ from tsfast.generate import (
     window_keep,
 )
 from tsfast.model import GPT, KVCache
+from tsfast.output_layer import OutputLayer
 
 __all__ = ["BatchDecoder", "BatchServer", "Event", "Request", "Stream", "generate_many"]
 
@@ -134,6 +135,7 @@ class BatchDecoder:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(model.config, max_batch, device=param.device, dtype=param.dtype)
+        self.head = OutputLayer(model.wte.weight, model.config.vocab_size, max_batch)
         self.length = 0  # L: every row's window ends here
         self.rows: list[_Row] = []  # running, in slot order
         self.pending: deque[_Row] = deque()
@@ -241,8 +243,7 @@ class BatchDecoder:
                 n = torch.tensor(text, device=self.device)
                 doc_ids = torch.where(torch.arange(L, device=self.device) >= L - n[:, None], TEXT, PAD)
             view = self.cache.view(slice(0, len(self.rows)), 0, self.length)
-            logits, _ = self.model(idx, kv_cache=view, doc_ids=doc_ids)
-            logits = logits[:, -1].float()
+            logits = self.head(self.model.hidden(idx, kv_cache=view, doc_ids=doc_ids)[:, -1]).float()
             self.length = L
             for row in steps:
                 row.n += 1
@@ -280,8 +281,8 @@ class BatchDecoder:
             self._realign(w)
         L = self.length
         cache = KVCache(self.model.config, len(windows), device=self.device, dtype=self.dtype, max_len=w)
-        logits, _ = self.model(torch.tensor(list(windows), device=self.device), kv_cache=cache)
-        logits = logits[:, -1].float()
+        hidden = self.model.hidden(torch.tensor(list(windows), device=self.device), kv_cache=cache)
+        logits = self.head(hidden[:, -1]).float()
         for j, group in enumerate(windows.values()):
             for row in group:
                 self.cache.k[:, row.slot, :, L - w : L] = cache.k[:, j]

@@ -108,11 +108,15 @@ def sample_rows(logits: torch.Tensor, settings: Sequence[tuple[float, int | None
                 out[i] = token
             continue
         # Shift the largest logit to 0 first: a tiny temperature then sends the others to -inf
-        # instead of overflowing to inf (inf - inf is NaN in the softmax).
-        group = (group - group.max(dim=-1, keepdim=True).values) / temperature
+        # instead of overflowing to inf (inf - inf is NaN in the softmax). With top-k, only
+        # the k kept logits are shifted and scaled (the top-k of the raw logits is the same
+        # set: the shift and scale keep their order).
         ids = None
         if top_k:
             group, ids = torch.topk(group, top_k)  # sorted, largest first
+            group = (group - group[:, :1]) / temperature
+        else:
+            group = (group - group.max(dim=-1, keepdim=True).values) / temperature
         for j, i in enumerate(rows):
             out[i] = _draw(group[j], None if ids is None else ids[j], settings[i][2], generators[i])
     return out

@@ -157,6 +157,18 @@ class GPT(nn.Module):
         doc_ids: (B, cached + T) non-decreasing ids, one run per document (story): attention
         stays within a document and positions restart at each (ops.rope_attention)."""
         B, T = idx.shape
+        x = self.hidden(idx, kv_cache=kv_cache, doc_ids=doc_ids)  # (B, T, C)
+        if targets is not None:
+            loss = ops.linear_cross_entropy(x.view(B * T, -1), self.wte.weight, targets.reshape(-1))
+            return None, loss
+        h = x if all_logits else x[:, -1:]
+        logits = F.linear(h, self.wte.weight)[..., : self.config.vocab_size]
+        return logits, None
+
+    def hidden(self, idx, *, kv_cache: KVCache | None = None, doc_ids=None):
+        """The final LayerNorm's output (B, T, C), the input of the tied output layer
+        (`forward` without the output layer: batched decoding runs its own)."""
+        B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
@@ -174,10 +186,4 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache, i, doc_ids)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = ops.layer_norm(x, self.ln_f.weight, self.ln_f.bias)
-        if targets is not None:
-            loss = ops.linear_cross_entropy(x.view(B * T, -1), self.wte.weight, targets.reshape(-1))
-            return None, loss
-        h = x if all_logits else x[:, -1:]
-        logits = F.linear(h, self.wte.weight)[..., : self.config.vocab_size]
-        return logits, None
+        return ops.layer_norm(x, self.ln_f.weight, self.ln_f.bias)
