@@ -36,6 +36,7 @@ seed, api_name="/generate")` returns (story, status); `submit(...)` streams, and
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import sys
@@ -191,8 +192,10 @@ class StoryTeller:
         at once if it is still waiting in the queue), and says so in the status line."""
         self._stops.add(_session(request))
 
-    def stream(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, request: gr.Request = None):
-        """Yield (story so far, status line) after every token."""
+    async def stream(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, request: gr.Request = None):
+        """Yield (story so far, status line) after every token. A coroutine, so that Gradio
+        runs it on its event loop: a thread per user, woken for every token, would compete
+        with the decoding thread for the interpreter lock."""
         try:
             prompt = read_prompt(prompt)
             settings = {
@@ -210,12 +213,13 @@ class StoryTeller:
             self._stops.discard(session)
             yield "", "Stopped before it started."
             return
-        if self.load() is None:
+        if self.loaded is None and await asyncio.to_thread(self.load) is None:  # loading takes seconds
             yield "", self.missing_model_markdown()
             return
-        yield from self._generate(prompt, settings, None if seed < 0 else seed, session)
+        async for update in self._generate(prompt, settings, None if seed < 0 else seed, session):
+            yield update
 
-    def _generate(self, prompt: str, settings: dict, seed: int | None, session: str | None):
+    async def _generate(self, prompt: str, settings: dict, seed: int | None, session: str | None):
         from tsfast.batching import Request
         from tsfast.data.tokenizer import encode
         from tsfast.generate import IncrementalDetokenizer
@@ -227,17 +231,18 @@ class StoryTeller:
         stream = None
         try:
             stream = self.server.submit(Request(ids, seed=seed, **settings))
-            for event in stream:
-                if event.error is not None:
-                    raise event.error
-                if event.token is None:
-                    continue
-                count += 1
-                story += detok.push(event.token)
+            async for chunk in stream.achunks():  # every token that arrived since the last update
+                for event in chunk:
+                    if event.error is not None:
+                        raise event.error
+                    if event.token is not None:
+                        count += 1
+                        story += detok.push(event.token)
                 if session in self._stops:
                     stopped = True
                     break
-                yield story, f"Generating… {count} tokens · {count / (time.perf_counter() - start):.1f} tokens/s"
+                if chunk[-1].token is not None:
+                    yield story, f"Generating… {count} tokens · {count / (time.perf_counter() - start):.1f} tokens/s"
             story += detok.flush()
         except Exception as e:  # keep serving; the console gets the traceback
             log.exception("generation failed")

@@ -50,13 +50,15 @@ ends every row of that step with the error, and the decoder stays usable for the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -344,25 +346,64 @@ def generate_many(model: GPT, requests: Iterable[Request], *, batch_size: int = 
 
 class Stream:
     """The events of one request given to a `BatchServer`, in order: iterating blocks for
-    the next one and stops after its end. `cancel()` (or dropping the stream) ends it."""
+    the next one and stops after its end. `chunks()` gives them in lists (every event that
+    has arrived), `achunks()` the same to asyncio code without holding a thread while it
+    waits. `cancel()` (or dropping the stream) ends it."""
 
     def __init__(self, server: BatchServer, key: int):
         self.key = key
         self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # an asyncio reader's
         self._cancel = weakref.finalize(self, server._cancel, key)
 
+    def _put(self, event: Event) -> None:
+        self._queue.put(event)
+        if self._waker is not None:
+            loop, ready = self._waker
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody is reading
+                loop.call_soon_threadsafe(ready.set)
+
     def __iter__(self) -> Iterator[Event]:
+        for chunk in self.chunks():
+            yield from chunk
+
+    def chunks(self) -> Iterator[list[Event]]:
+        """The events in lists: each waits for the next event, then takes every event that
+        has arrived since. A reader that keeps up gets one event at a time; one that falls
+        behind the decoder (a web page updating slower than the batch decodes) catches up
+        in one go instead of lagging further."""
         while self._cancel.alive:
-            event = self._queue.get()
-            if event.end is not None:
-                self._cancel.detach()
-            yield event
+            yield self._drain([self._queue.get()])
+
+    async def achunks(self) -> AsyncIterator[list[Event]]:
+        """`chunks()` for a reader on an asyncio event loop (the demo's Gradio handler). It
+        stops without a "cancelled" event when the stream is cancelled while it waits."""
+        ready = asyncio.Event()
+        self._waker = (asyncio.get_running_loop(), ready)
+        while self._cancel.alive:
+            ready.clear()  # before looking, so that an event put after the look wakes us
+            try:
+                first = self._queue.get_nowait()
+            except queue.Empty:
+                await ready.wait()
+                continue
+            yield self._drain([first])
+
+    def _drain(self, chunk: list[Event]) -> list[Event]:
+        while chunk[-1].end is None:
+            try:
+                chunk.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if chunk[-1].end is not None:
+            self._cancel.detach()
+        return chunk
 
     def cancel(self) -> None:
         """End the stream: the request leaves the batch at the next step."""
         if self._cancel.alive:
             self._cancel()
-            self._queue.put(Event(self.key, end="cancelled"))  # wakes a reader waiting in another thread
+            self._put(Event(self.key, end="cancelled"))  # wakes a reader waiting in another thread
 
 
 class BatchServer:
@@ -408,7 +449,7 @@ class BatchServer:
                             self.decoder.add(request, key=stream.key)
                             self._streams[stream.key] = weakref.ref(stream)
                         except ValueError as e:
-                            stream._queue.put(Event(stream.key, end="error", error=e))
+                            stream._put(Event(stream.key, end="error", error=e))
                     self._cancels, self._inbox = [], []
                     if not self.decoder.busy:
                         self._running = False
@@ -423,7 +464,7 @@ class BatchServer:
                 for key in keys:
                     self.decoder.cancel(key)
                 for _, stream in self._inbox:
-                    stream._queue.put(Event(stream.key, end="error", error=e))
+                    stream._put(Event(stream.key, end="error", error=e))
                 for key in list(self._streams):
                     self._deliver(Event(key, end="error", error=e))
                 self._inbox = []
@@ -436,4 +477,4 @@ class BatchServer:
         if stream is None:  # dropped by its caller: stop decoding it
             self.decoder.cancel(event.key)
         else:
-            stream._queue.put(event)
+            stream._put(event)

@@ -25,8 +25,9 @@ from tsfast.config import GPTConfig
 
 
 class KVCache:
-    """Keys and values of every layer for positions 0 .. length-1 (keys un-rotated, so the
-    window can slide: rotary depends only on relative positions)."""
+    """Keys and values of every layer for positions 0 .. length-1. Rotary keys are stored
+    rotated (each rotated once, when it is appended), so a decoding step rotates only its
+    new query and key instead of every cached key."""
 
     def __init__(self, config: GPTConfig, batch_size: int, *, device, dtype, max_len: int | None = None):
         self.max_len = max_len or config.block_size
@@ -54,14 +55,6 @@ class KVCache:
         view.k, view.v = self.k[:, rows, :, start:], self.v[:, rows, :, start:]
         view.max_len, view.length = self.max_len - start, length
         return view
-
-    def drop_oldest(self, n: int) -> None:
-        """Forget the n oldest positions (the sliding window)."""
-        n = min(n, self.length)
-        keep = self.length - n
-        self.k[:, :, :, :keep] = self.k[:, :, :, n : self.length].clone()
-        self.v[:, :, :, :keep] = self.v[:, :, :, n : self.length].clone()
-        self.length = keep
 
 
 class LayerNorm(nn.Module):
@@ -94,6 +87,8 @@ class Block(nn.Module):
         # Strided views of the fused projection, no copies: each (B, nh, T, hs).
         q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
+            if cos is not None:  # the new tokens' tables (GPT.hidden): rotate once, cache rotated
+                q, k, cos, sin = ops.rope_rotate(q, cos, sin), ops.rope_rotate(k, cos, sin), None, None
             k, v = kv_cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         p = self.dropout if self.training else 0.0
         y = ops.rope_attention(q, k, v, cos, sin, causal=True, dropout_p=p, doc_ids=doc_ids)  # (B, nh, T, hs)
@@ -179,8 +174,13 @@ class GPT(nn.Module):
             if doc_ids is not None:
                 pos = ops.doc_positions(doc_ids)[:, start:]  # (B, T)
             x = x + self.wpe(pos)
-        else:
+        elif kv_cache is None:
             cos, sin = self.rope_cos[: start + T], self.rope_sin[: start + T]
+        elif doc_ids is None:  # with a cache: the tables of the new tokens only (Block.forward)
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs/2)
+        else:
+            pos = ops.doc_positions(doc_ids)[:, start:]  # (B, T)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hs/2)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, kv_cache, i, doc_ids)

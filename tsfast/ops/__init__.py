@@ -20,7 +20,7 @@ from tsfast.ops._backend import BACKENDS, BackendUnavailable, get_backend, trito
 from tsfast.ops.attention import KERNEL_HEAD_DIMS, rope_attention
 from tsfast.ops.layernorm import layer_norm, layernorm_linear
 from tsfast.ops.losses import cross_entropy, linear_cross_entropy
-from tsfast.ops.rotary import doc_positions, rope_cos_sin
+from tsfast.ops.rotary import doc_positions, rope_cos_sin, rope_rotate
 
 __all__ = [
     "BACKENDS",
@@ -36,4 +36,5 @@ __all__ = [
     "linear_cross_entropy",
     "rope_cos_sin",
     "doc_positions",
+    "rope_rotate",
 ]

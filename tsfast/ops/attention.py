@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
 from tsfast.ops._checks import check_float, check_same, float64_declined
-from tsfast.ops.rotary import apply_rope, doc_positions, rope_cos_sin, rotate
+from tsfast.ops.rotary import doc_positions, rope_cos_sin, rope_rotate, rotate
 from tsfast.ops.selection import Candidate, Family
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # what the Triton kernel compiles for
@@ -151,11 +151,8 @@ def _torch_path(q, k, v, cos, sin, doc_ids, causal, scale, dropout_p):
             pos = doc_positions(doc_ids)  # (B, Tk): one table row per token, shared by heads
             cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B, 1, Tk, D/2)
     if cos is not None:
-        # Without autograd (decoding), fp32 takes the lean rotation: 4 ops instead of 7.
-        lean = q.dtype == torch.float32 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-        rope = rotate if lean else apply_rope
-        q = rope(q, cos[..., Tk - Tq :, :], sin[..., Tk - Tq :, :])
-        k = rope(k, cos, sin)
+        q = rope_rotate(q, cos[..., Tk - Tq :, :], sin[..., Tk - Tq :, :])
+        k = rope_rotate(k, cos, sin)
     if causal and Tq == 1:
         causal = False  # one query, the last position: it sees every key, no mask to build
     elif causal and Tq != Tk:
