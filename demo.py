@@ -231,18 +231,17 @@ class StoryTeller:
         stream = None
         try:
             stream = self.server.submit(Request(ids, seed=seed, **settings))
-            async for chunk in stream.achunks():  # every token that arrived since the last update
-                for event in chunk:
-                    if event.error is not None:
-                        raise event.error
-                    if event.token is not None:
-                        count += 1
-                        story += detok.push(event.token)
+            async for event in stream:
+                if event.error is not None:
+                    raise event.error
+                if event.token is None:
+                    continue
+                count += 1
+                story += detok.push(event.token)
                 if session in self._stops:
                     stopped = True
                     break
-                if chunk[-1].token is not None:
-                    yield story, f"Generating… {count} tokens · {count / (time.perf_counter() - start):.1f} tokens/s"
+                yield story, f"Generating… {count} tokens · {count / (time.perf_counter() - start):.1f} tokens/s"
             story += detok.flush()
         except Exception as e:  # keep serving; the console gets the traceback
             log.exception("generation failed")

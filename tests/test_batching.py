@@ -222,3 +222,37 @@ def test_server_serves_threads_together_and_stops_when_idle():
         time.sleep(0.01)
     assert not server.decoder.busy
     assert not any(t.name == "tsfast-batch" for t in threading.enumerate())
+
+
+def test_server_serves_asyncio_readers_on_one_event_loop():
+    """`async for` over streams: several readers on one loop, none holding a thread while it
+    waits; one cancels after its first token and its reader stops at once."""
+    import asyncio
+
+    model = random_model("rope")
+    V = model.config.vocab_size
+    server = BatchServer(model, max_batch=3)
+    requests = [random_request(V, random.randint(1, 20), random.randint(5, 40)) for _ in range(4)]
+
+    async def read(request):
+        return [ev.token async for ev in server.submit(request) if ev.token is not None]
+
+    async def read_one_then_cancel():
+        stream = server.submit(random_request(V, 3, 500))
+        seen = []
+        async for ev in stream:
+            seen.append(ev)
+            stream.cancel()
+        return seen
+
+    async def main():
+        threads_before = threading.active_count()
+        tasks = [asyncio.create_task(read(r)) for r in requests] + [asyncio.create_task(read_one_then_cancel())]
+        await asyncio.sleep(0.05)
+        assert threading.active_count() <= threads_before + 1  # the decoding thread, no reader threads
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+
+    *results, cancelled = asyncio.run(main())
+    for r, tokens in zip(requests, results, strict=True):
+        assert_same_or_tie(model, r.prompt_ids, tokens, single(model, r))
+    assert len(cancelled) == 1 and cancelled[0].token is not None

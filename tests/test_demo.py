@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import random
@@ -54,6 +55,13 @@ def serving(demo_mod, ckpt):
         yield Client(f"http://127.0.0.1:{port}/", verbose=False), f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+def updates(stream) -> list[tuple[str, str]]:
+    """Every (story, status) update of the demo's handler (an async generator)."""
+    async def collect():
+        return [update async for update in stream]
+    return asyncio.run(collect())
 
 
 def ask(client, prompt="Once upon a time", **changes):
@@ -241,7 +249,7 @@ def test_damaged_or_edited_checkpoints_are_named_in_the_page(demo_mod, trained_c
     for path, message in expected.items():
         teller = demo_mod.StoryTeller(path, "cpu")
         assert message in teller.info() and "No model to run" in teller.info()
-        story, status = list(teller.stream("Once upon a time", **{k: v for k, v in GOOD.items()}))[-1]
+        story, status = updates(teller.stream("Once upon a time", **GOOD))[-1]
         assert story == "" and message in status
 
 
@@ -267,20 +275,24 @@ def test_command_line_errors(demo_mod, capsys, trained_ckpt):  # noqa: F811
 def test_stop_flag_ends_the_stream_with_a_final_status(demo_mod, trained_ckpt, produced):  # noqa: F811
     teller = demo_mod.StoryTeller(trained_ckpt, device="cpu")
     teller.request_stop()
-    assert list(teller.stream("Once upon a time", 50, 0.8, 200, 1.0, 1)) == [("", "Stopped before it started.")]
+    assert updates(teller.stream("Once upon a time", 50, 0.8, 200, 1.0, 1)) == [("", "Stopped before it started.")]
     teller.begin()
-    stream = teller.stream("Once upon a time", 500, 0.8, 200, 1.0, random.randint(0, 10**6))
-    first = [next(stream) for _ in range(3)]
+
+    async def stop_after_three():
+        stream = teller.stream("Once upon a time", 500, 0.8, 200, 1.0, random.randint(0, 10**6))
+        first = [await anext(stream) for _ in range(3)]
+        teller.request_stop()
+        return first, [update async for update in stream]
+
+    first, rest = asyncio.run(stop_after_three())
     assert [s for _, s in first][-1].startswith("Generating… 3 tokens")
-    teller.request_stop()
-    rest = list(stream)
     assert len(rest) == 1 and 4 <= settles(produced) < 500  # the batch may run ahead of the reader
     story, status = rest[0]
     assert re.match(r"4 tokens in [\d.]+ s · \*\*[\d.]+ tokens/s\*\* · stopped · model \*\*tiny\*\*", status), status
     assert story.startswith(first[-1][0])
     teller.request_stop()  # a Stop after the end is forgotten by the next Generate
     teller.begin()
-    assert FINAL.match(list(teller.stream("Once upon a time", 10, 0.8, 200, 1.0, 1))[-1][1])
+    assert FINAL.match(updates(teller.stream("Once upon a time", 10, 0.8, 200, 1.0, 1))[-1][1])
 
 
 def test_eight_users_at_once_one_stops_one_sends_a_bad_value_one_fails(server, produced, monkeypatch):

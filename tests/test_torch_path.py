@@ -239,3 +239,28 @@ def test_one_query_decoding_step_sees_every_key():
     full = reference64.rope_attention(q, k, v, cos.double(), sin.double())[:, :, -1:]
     step = _torch_op(q[:, :, -1:].float(), k.float(), v.float(), cos, sin)
     torch.testing.assert_close(step.double(), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_rotate_matches_float64_with_per_token_tables(grad, dtype):
+    """ops.rope_rotate (what a KV cache stores): the lean path without autograd in fp32,
+    apply_rope otherwise; per-row position tables (B, 1, T, D/2) as left-padded decoding
+    builds them; gradients through the autograd path."""
+    B, H, T, D = 3, 2, 7, 10
+    x = torch.randn(B, H, T, D, dtype=dtype, requires_grad=grad)
+    cos, sin = ops.rope_cos_sin(40, D)
+    pos = torch.randint(0, 40, (B, T))
+    c, s = cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, D/2)
+    with torch.set_grad_enabled(grad):
+        out = ops.rope_rotate(x, c, s)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = reference64.rotate(x.detach().double(), c.double(), s.double())
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.detach().double(), ref, **tol)
+    if grad:
+        upstream = torch.randn_like(out)
+        out.backward(upstream)
+        # R is orthogonal: the gradient is R^T upstream, the inverse rotation (angle -> -angle)
+        ref_grad = reference64.rotate(upstream.double(), c.double(), -s.double())
+        torch.testing.assert_close(x.grad.double(), ref_grad, **tol)
