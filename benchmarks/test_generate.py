@@ -120,7 +120,7 @@ def test_generate(benchmark, record_bench, name, new_tokens, use_cache):
 
 BATCHES = (1, 2, 4, 8)
 BATCH_NEW_TOKENS = 64
-BATCH_ROUNDS = 3
+BATCH_ROUNDS = 5
 _one_at_a_time: dict[str, list[float]] = {}
 
 

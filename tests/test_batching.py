@@ -256,3 +256,23 @@ def test_server_serves_asyncio_readers_on_one_event_loop():
     for r, tokens in zip(requests, results, strict=True):
         assert_same_or_tie(model, r.prompt_ids, tokens, single(model, r))
     assert len(cancelled) == 1 and cancelled[0].token is not None
+
+
+def test_a_cancel_between_steps_moves_a_row_and_its_logits():
+    """Cancelling a middle row moves the last row into its slot; the next step samples the
+    moved row from its own logits, not from the slot's old ones."""
+    model = random_model("learned")
+    V = model.config.vocab_size
+    requests = [random_request(V, random.randint(1, 12), 25, temperature=0.0)  # greedy: wrong logits show
+                for _ in range(4)]
+    dec = BatchDecoder(model, max_batch=4)
+    keys = [dec.add(r) for r in requests]
+    events = dec.step() + dec.step()
+    dec.cancel(keys[1])
+    while dec.busy:
+        events += dec.step()
+    tokens, ends = collect(ev for ev in events if ev.key != keys[1])
+    for key, r in zip(keys, requests, strict=True):
+        if key != keys[1]:
+            assert ends[key] == "max_new_tokens"
+            assert_same_or_tie(model, r.prompt_ids, tokens[key], single(model, r))

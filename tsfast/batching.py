@@ -144,6 +144,7 @@ class BatchDecoder:
         self.length = 0  # L: every row's window ends here
         self.rows: list[_Row] = []  # running, in slot order
         self.pending: deque[_Row] = deque()
+        self._step_logits: torch.Tensor | None = None  # (B, V): every row's, in slot order, when one step made them all
         self._auto_keys = itertools.count()
 
     @property
@@ -208,7 +209,10 @@ class BatchDecoder:
         """Draw each row's token; returns the rows that ended."""
         if not self.rows:
             return []
-        tokens = sample_rows(torch.stack([row.logits for row in self.rows]),
+        logits, self._step_logits = self._step_logits, None
+        if logits is None:  # rows that joined or hopped have their own logits
+            logits = torch.stack([row.logits for row in self.rows])
+        tokens = sample_rows(logits,
                              [(row.request.temperature, row.request.top_k, row.request.top_p) for row in self.rows],
                              [row.generator for row in self.rows])
         ended = []
@@ -253,6 +257,8 @@ class BatchDecoder:
             for row in steps:
                 row.n += 1
                 row.logits = logits[row.slot]
+            if len(steps) == len(self.rows):
+                self._step_logits = logits
         self._prefill(hops, events)
 
     def _prefill(self, rows: list[_Row], events: list[Event]) -> None:
@@ -282,6 +288,7 @@ class BatchDecoder:
         """One forward over distinct windows of one length; each row gets its window's keys
         and values and next-token logits."""
         w = len(next(iter(windows)))
+        self._step_logits = None
         if w > self.length:
             self._realign(w)
         L = self.length
@@ -307,6 +314,7 @@ class BatchDecoder:
         """Drop rows from the batch: the last rows move into the freed slots."""
         if not rows:
             return
+        self._step_logits = None  # slots move
         keep = [row for row in self.rows if row not in rows]
         B, L = len(keep), self.length
         holes = sorted(row.slot for row in rows if row.slot < B)
