@@ -12,10 +12,10 @@ and `_mkl_linear`. Eight rows then cost ~1.2x one row (1.7 ms). A packed GEMM se
 the row count it was packed for, so batches of 2 or more rows are padded to `rows`. A single
 row keeps the matrix-vector product, which is faster than a padded GEMM.
 
-The packed copy costs memory: about 85 MB beside baby_cpu's 51 MB weight, 60 MB beside
-gpt2's 154 MB. It is taken from the weight as it is when first needed, and taken again
-when the weight changes in place (its version counter moves), so a decoder never reads
-stale weights. Without MKL (Apple silicon, ARM), on GPUs, and for weights that are not
+The packed copy costs memory (about 85 MB beside baby_cpu's 51 MB weight, 60 MB beside
+gpt2's 154 MB) and ~20 ms to make, once, when the layer is made. It is made again when the
+weight changes in place (its version counter moves), so a decoder never reads stale
+weights. Without MKL (Apple silicon, ARM), on GPUs, and for weights that are not
 float32, the layer is a plain `F.linear`.
 """
 
@@ -41,6 +41,12 @@ class OutputLayer:
                       and packed_gemm_available())
         self._packed: torch.Tensor | None = None
         self._version = -1
+        if self.packs:
+            self._pack()  # now, so that the first step is not the one that waits for it
+
+    def _pack(self) -> None:
+        self._packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), self.rows)
+        self._version = self.weight._version
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, C) with B <= rows -> logits (B, vocab_size)."""
@@ -50,8 +56,7 @@ class OutputLayer:
         if not self.packs or B == 1:
             return F.linear(h, self.weight)[:, : self.vocab_size]
         if self._version != self.weight._version:
-            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), self.rows)
-            self._version = self.weight._version
+            self._pack()
         if B < self.rows:
             h = torch.cat([h, h.new_zeros(self.rows - B, h.shape[1])])
         logits = torch.ops.mkl._mkl_linear(h.contiguous(), self._packed, self.weight.detach(), None, self.rows)
