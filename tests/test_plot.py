@@ -129,9 +129,10 @@ def test_generate_batched_plot_draws_tokens_per_s_against_batch_size(tmp_path):
     rows = [{"suite": "generate_batched", "op": "generate_batched", "provider": p, "mode": f"{b} sequences",
              "shape": "tiny", "batch": b, "median_ms": 1.0, "rate": tps, "rate_unit": "tok/s", "tokens_per_s": tps}
             for b in (1, 2, 4, 8) for p, tps in (("one_at_a_time", 100.0), ("batched", 90.0 * b))]
-    rows += [{"suite": "generate_batched", "op": "demo", "provider": p, "mode": "8 users", "shape": "tiny",
-              "dims": {"users": 8}, "median_ms": 1e3 * s, "rate": 1.0, "rate_unit": "tok/s", "last_finish_s": s}
-             for p, s in (("queued", 12.0), ("together", 3.0))]
+    rows += [{"suite": "generate_batched", "op": "demo", "provider": p, "mode": f"8 users, {n} tokens", "shape": "tiny",
+              "dims": {"users": 8, "new_tokens": n}, "median_ms": 1e3 * s, "rate": 1.0, "rate_unit": "tok/s",
+              "last_finish_s": s}
+             for n, scale in ((64, 1.0), (200, 3.0)) for p, s in (("queued", 12.0 * scale), ("together", 3.0 * scale))]
     (tmp_path / "generate_batched.json").write_text(json.dumps({"device": "cpu", "rows": rows}))
     written = plot.plot_benchmarks(tmp_path, tmp_path / "plots")
     assert [p.name for p in written] == ["generate_batched.png"]
@@ -140,4 +141,5 @@ def test_generate_batched_plot_draws_tokens_per_s_against_batch_size(tmp_path):
     lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].lines}
     assert lines["tiny, batched"] == ([1, 2, 4, 8], [90.0, 180.0, 360.0, 720.0])
     assert lines["tiny, one_at_a_time"] == ([1, 2, 4, 8], [100.0] * 4)
-    assert sorted(b.get_height() for b in fig.axes[1].patches) == [3.0, 12.0]
+    assert sorted(b.get_height() for b in fig.axes[1].patches) == [3.0, 9.0, 12.0, 36.0]  # one bar per length
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["tiny\n64 tokens", "tiny\n200 tokens"]

@@ -271,9 +271,13 @@ def generate_batched_figure(data: dict):
     ax.legend(fontsize=8)
     ax.set_title("batched decoding vs one at a time", fontsize=10)
     ax = axes[1]
-    shapes = list(dict.fromkeys(r["shape"] for r in demo))
-    table = {(r["shape"], r["provider"]): r["last_finish_s"] for r in demo}
-    _grouped_bars(ax, shapes, ["queued", "together"], lambda g, p: table.get((g, p)))
+    def group(r):  # a model, and the story length when the rows hold more than one
+        tokens = r.get("dims", {}).get("new_tokens")
+        return f"{r['shape']}\n{tokens} tokens" if tokens is not None else r["shape"]
+
+    groups = list(dict.fromkeys(group(r) for r in demo))
+    table = {(group(r), r["provider"]): r["last_finish_s"] for r in demo}
+    _grouped_bars(ax, groups, ["queued", "together"], lambda g, p: table.get((g, p)))
     ax.set_ylabel("seconds until the last story is done")
     ax.legend(fontsize=8)
     users = demo[0]["dims"]["users"] if demo else "?"
