@@ -216,16 +216,3 @@ def test_checkpoints_without_doc_mask_read_as_false(corpus, masked_out, tmp_path
     assert cfg.doc_mask is False
     with pytest.raises(ckpt_io.CheckpointError, match="doc_mask=False in the checkpoint, True asked"):
         parse(["--resume", "--out_dir", str(tmp_path), "--doc_mask", "true"])
-
-
-def test_triton_preflight_asks_the_kernel_about_doc_ids(monkeypatch):
-    from tsfast import ops
-    from tsfast.train import runtime
-
-    monkeypatch.setattr(runtime.ops, "triton_cannot_run", lambda device: None)
-    monkeypatch.setattr(runtime.attention, "kernel_declines",
-                        lambda q, k, *, dropout_p, doc_ids: "no documents here" if doc_ids is not None else None)
-    runtime.preflight_kernels("triton", torch.device("cpu"), 32)
-    with pytest.raises(ops.BackendUnavailable, match=r"--doc_mask true: no documents here.*--doc_mask false"):
-        runtime.preflight_kernels("triton", torch.device("cpu"), 32, doc_mask=True)
-    runtime.preflight_kernels("auto", torch.device("cpu"), 32, doc_mask=True)  # auto sends such calls to torch

@@ -433,3 +433,14 @@ def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(corpus, tmp_pat
     assert f"warning: {out} cannot be locked (No locks available): make sure no other run writes into it" \
         in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]
+
+
+def test_triton_preflight_names_a_head_dim_the_kernel_declines(monkeypatch):
+    from tsfast import ops
+    from tsfast.train import runtime
+
+    monkeypatch.setattr(runtime.ops, "triton_cannot_run", lambda device: None)
+    with pytest.raises(ops.BackendUnavailable, match=r"rope_attention for this model: head dim 48 is not one of"):
+        runtime.preflight_kernels("triton", torch.device("cpu"), 48)
+    runtime.preflight_kernels("triton", torch.device("cpu"), 32)
+    runtime.preflight_kernels("auto", torch.device("cpu"), 48)  # auto sends such calls to torch

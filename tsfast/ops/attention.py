@@ -253,7 +253,7 @@ def _triton_path(q, k, v, cos, sin, doc_ids, causal, scale, dropout_p):
     return _triton_fwd(q, k, v, cos, sin, doc_ids, bool(causal), scale)[0]
 
 
-def kernel_declines(q, k, *, dropout_p: float, doc_ids) -> str | None:
+def kernel_declines(q, k, *, dropout_p: float) -> str | None:
     """Why the Triton kernel cannot take this call (None if it can); reads only shapes and dtypes."""
     D = q.shape[-1]
     if D not in KERNEL_HEAD_DIMS:
@@ -306,7 +306,7 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     B, H, Tq, D = q.shape
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     call = (B, H, Tq, k.shape[2], D, bool(causal), cos is not None, str(q.dtype).removeprefix("torch."), grad)
-    declined = kernel_declines(q, k, dropout_p=dropout_p, doc_ids=doc_ids)
+    declined = kernel_declines(q, k, dropout_p=dropout_p)
     chosen = FAMILY.candidate(_backend.choose(FAMILY, q.device, call, declined))
 
     def cost():

@@ -95,7 +95,7 @@ class Trainer:
         # Everything that can reject the run comes before any work.
         self.device = runtime.resolve_device(cfg.device, self.dist.local_rank)
         self.dtype = runtime.resolve_dtype(cfg.dtype, self.device)
-        runtime.preflight_kernels(cfg.kernels, self.device, cfg.n_embd // cfg.n_head, doc_mask=cfg.doc_mask)
+        runtime.preflight_kernels(cfg.kernels, self.device, cfg.n_embd // cfg.n_head)
         if cfg.grad_accum % self.dist.world_size:
             raise ConfigError(
                 f"grad_accum={cfg.grad_accum} must be a multiple of the {self.dist.world_size} "

@@ -142,28 +142,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def preflight_kernels(backend: str, device: torch.device, head_dim: int, *, doc_mask: bool = False) -> None:
+def preflight_kernels(backend: str, device: torch.device, head_dim: int) -> None:
     """With backend "triton", raise ops.BackendUnavailable now (before any training work) if
     the Triton kernels cannot run on `device` or the attention kernel declines the model's
-    head dim (or doc_ids, with doc_mask). It asks the ops themselves, on meta tensors of the
-    model's shape."""
+    head dim. It asks the ops themselves, on meta tensors of the model's shape."""
     if backend != "triton":
         return
     cannot = ops.triton_cannot_run(device)
     if cannot:
         raise ops.BackendUnavailable(f"--kernels triton cannot run here: {cannot}")
     q = torch.empty(1, 1, 1, head_dim, device="meta")
-    declined = attention.kernel_declines(q, q, dropout_p=0.0, doc_ids=None)
+    declined = attention.kernel_declines(q, q, dropout_p=0.0)
     if declined:
         raise ops.BackendUnavailable(f"--kernels triton cannot run rope_attention for this model: {declined}")
-    if doc_mask:
-        doc_ids = torch.empty(1, 1, dtype=torch.int32, device="meta")
-        declined = attention.kernel_declines(q, q, dropout_p=0.0, doc_ids=doc_ids)
-        if declined:
-            raise ops.BackendUnavailable(
-                f"--kernels triton cannot run rope_attention with --doc_mask true: {declined}. "
-                "Use --kernels auto (attention then runs on torch) or --doc_mask false"
-            )
 
 
 def memory_estimate(cfg, vocab_size: int = 50257) -> tuple[int, int, int]:
