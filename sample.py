@@ -34,7 +34,7 @@ import time
 
 from tsfast.clitools import quiet_exits
 
-EXIT_CHECKPOINT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_CHECKPOINT, EXIT_USAGE = 1, 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -191,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
 
     start = time.perf_counter()
-    try:
-        total_tokens = write_samples(args, loaded, prompt_ids)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    total_tokens = write_samples(args, loaded, prompt_ids)  # Ctrl-C: quiet_exits
     if device.type == "cuda":
         import torch
 

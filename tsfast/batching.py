@@ -75,7 +75,7 @@ from tsfast.generate import (
     check_sampling,
     iter_tokens,
     sample_rows,
-    window_keep,
+    window_start,
 )
 from tsfast.model import GPT, KVCache
 from tsfast.output_layer import OutputLayer
@@ -136,7 +136,6 @@ class BatchDecoder:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         self.model, self.vocab, self.max_batch = model, vocab, max_batch
         self.block_size = model.config.block_size
-        self.keep = window_keep(self.block_size)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = KVCache(model.config, max_batch, device=param.device, dtype=param.dtype)
@@ -167,8 +166,7 @@ class BatchDecoder:
         if any(row.key == key for row in itertools.chain(self.rows, self.pending)):
             raise ValueError(f"a request with key {key!r} is already running")
         row = _Row(key, r, tokens, _model_eos(r.eos_id, self.vocab), _make_generator(r.seed, self.device))
-        if len(tokens) > self.block_size:  # a prompt longer than the context keeps its newest tokens
-            row.start = len(tokens) - self.keep
+        row.start = window_start(len(tokens), 0, self.block_size)  # a prompt longer than the context: its newest
         self.pending.append(row)
         return key
 
@@ -215,14 +213,15 @@ class BatchDecoder:
         tokens = sample_rows(logits,
                              [(row.request.temperature, row.request.top_k, row.request.top_p) for row in self.rows],
                              [row.generator for row in self.rows])
+        gpt2_ids = self.vocab.to_gpt2(tokens).tolist() if self.vocab is not None else tokens  # one lookup a step
         ended = []
-        for row, token in zip(self.rows, tokens, strict=True):
+        for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
             row.produced += 1
             if row.eos is not None and token == row.eos:
                 events.append(Event(row.key, end="end_of_text"))
                 ended.append(row)
                 continue
-            gpt2 = int(self.vocab.to_gpt2([token])[0]) if self.vocab is not None else token
+            gpt2 = gpt2_ids[i]
             if row.produced >= row.request.max_new_tokens:
                 events.append(Event(row.key, token=gpt2, end="max_new_tokens"))
                 ended.append(row)
@@ -237,9 +236,12 @@ class BatchDecoder:
         if not self.rows:
             self.length = 0
             return
-        hops = [row for row in self.rows if len(row.tokens) - row.start > self.block_size]
-        for row in hops:
-            row.start, row.n = len(row.tokens) - self.keep, 0  # its cached positions are dropped
+        hops = []
+        for row in self.rows:
+            start = window_start(len(row.tokens), row.start, self.block_size)
+            if start != row.start:
+                row.start, row.n = start, 0  # its cached positions are dropped
+                hops.append(row)
         steps = [row for row in self.rows if row.n]
         if steps:
             if self.length + 1 > self.block_size:
@@ -251,7 +253,7 @@ class BatchDecoder:
             if any(n != L for n in text):
                 n = torch.tensor(text, device=self.device)
                 doc_ids = torch.where(torch.arange(L, device=self.device) >= L - n[:, None], TEXT, PAD)
-            view = self.cache.view(slice(0, len(self.rows)), 0, self.length)
+            view = self.cache.view(len(self.rows), self.length)
             logits = self.head(self.model.hidden(idx, kv_cache=view, doc_ids=doc_ids)[:, -1]).float()
             self.length = L
             for row in steps:

@@ -51,15 +51,16 @@ def read_tsfast(path: Path):
     if path.is_dir() and (path / "ckpt.pt").is_file():
         path = path / "ckpt.pt"
     ckpt = ckpt_io.read_checkpoint(path)
+    config = ckpt_io.model_config_of(ckpt, path)
     if ckpt.get("vocab") is not None:
-        size = len(ckpt["vocab"].get("gpt2_ids", [])) + 1 if isinstance(ckpt["vocab"], dict) else "?"
+        size = config.vocab_size  # read_checkpoint checked the vocabulary against it
         raise ExportError(
             f"{path} uses a compact vocabulary ({size} ids, one of them 'unknown' for the other GPT-2 "
             "tokens): no transformers model over GPT-2's vocabulary computes the same thing, so it is "
             "not exported. Train with the full vocabulary to share a model, e.g. "
             f"`uv run train.py --config {ckpt['train_config'].get('name', 'tiny')} --vocab gpt2`"
         )
-    model = GPT(ckpt_io.model_config_of(ckpt, path))
+    model = GPT(config)
     ckpt_io.load_model_state(model, ckpt, path)
     return ckpt, model.eval()
 

@@ -59,6 +59,7 @@ __all__ = [
     "iter_tokens",
     "prompt_fit",
     "window_keep",
+    "window_start",
     "sample_next",
     "sample_rows",
     "stream_text",
@@ -145,12 +146,18 @@ def window_keep(block_size: int) -> int:
     return max(1, block_size - max(1, block_size // 4))
 
 
+def window_start(n_tokens: int, start: int, block_size: int) -> int:
+    """Where the window over `n_tokens` tokens begins: at `start` while the tokens from
+    there fit the context, else (a hop) at the newest window_keep(block_size) tokens."""
+    return n_tokens - window_keep(block_size) if n_tokens - start > block_size else start
+
+
 def prompt_fit(model: GPT, prompt_ids: Sequence[int], vocab=None) -> tuple[int, int]:
     """(prompt tokens dropped because the prompt is longer than the context, kept prompt
     tokens a compact vocabulary does not hold and the model reads as its unknown token)."""
     ids = [int(t) for t in prompt_ids]
     block = model.config.block_size
-    dropped = len(ids) - window_keep(block) if len(ids) > block else 0
+    dropped = window_start(len(ids), 0, block)
     unknown = 0
     if vocab is not None and ids[dropped:]:  # only the tokens the model reads
         unknown = int((vocab.to_compact(ids[dropped:]) == vocab.unk_id).sum())
@@ -198,14 +205,12 @@ class Decoder:
     def __init__(self, model: GPT, prompt: Sequence[int], *, use_cache: bool = True):
         self.model = model
         self.block_size = model.config.block_size
-        self.keep = window_keep(self.block_size)
+        self.keep = window_keep(self.block_size)  # tokens a hop keeps
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.tokens = _check_prompt(prompt, model.config.vocab_size)
         self.cache = KVCache(model.config, 1, device=self.device, dtype=self.dtype) if use_cache else None
-        self.start = 0
-        if len(self.tokens) > self.block_size:
-            self.start = len(self.tokens) - self.keep
+        self.start = window_start(len(self.tokens), 0, self.block_size)
         self.truncated = self.start  # prompt tokens that did not fit the context
         self.prefills = 0  # full-window runs (for tests and the benchmark)
         self._logits = self._run_window()
@@ -227,8 +232,9 @@ class Decoder:
     @torch.inference_mode()
     def push(self, token: int) -> None:
         self.tokens.append(int(token))
-        if len(self.tokens) - self.start > self.block_size:
-            self.start = len(self.tokens) - self.keep
+        start = window_start(len(self.tokens), self.start, self.block_size)
+        if start != self.start:  # a hop
+            self.start = start
             self._logits = self._run_window()
         elif self.cache is None:
             self._logits = self._run_window()

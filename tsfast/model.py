@@ -48,12 +48,12 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def view(self, rows: slice, start: int = 0, length: int = 0) -> KVCache:
-        """A cache over `rows` and the positions from `start` on that shares this one's
-        storage and holds `length` positions (batched decoding: tsfast/batching.py)."""
+    def view(self, batch: int, length: int) -> KVCache:
+        """A cache over the first `batch` rows that shares this one's storage and holds
+        `length` positions (batched decoding: tsfast/batching.py)."""
         view = object.__new__(KVCache)
-        view.k, view.v = self.k[:, rows, :, start:], self.v[:, rows, :, start:]
-        view.max_len, view.length = self.max_len - start, length
+        view.k, view.v = self.k[:, :batch], self.v[:, :batch]
+        view.max_len, view.length = self.max_len, length
         return view
 
 

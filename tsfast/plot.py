@@ -14,7 +14,9 @@ end in a half-written line: it is skipped.
 Benchmarks: the JSON files the benchmark suite writes (benchmarks/conftest.py):
 `ops.json` -> ops.png (per-op TFLOPS or GB/s by provider, one panel per unit and shape),
 `train_step.json` -> train_step.png (tokens/s by preset and provider, labelled with model
-TFLOPS and MFU), `generate.json` -> generate.png (tokens/s with and without the KV cache).
+TFLOPS and MFU), `generate.json` -> generate.png (tokens/s with and without the KV cache),
+`generate_batched.json` -> generate_batched.png (batched decoding against one sequence at a
+time, and the demo's users queued and together).
 
 matplotlib is imported when a plot is drawn (the Agg backend: no display needed), never at
 import time.
@@ -28,7 +30,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["read_metrics", "run_figure", "plot_run", "ops_figure", "train_step_figure",
-           "generate_figure", "plot_benchmarks", "main"]
+           "generate_figure", "generate_batched_figure", "plot_benchmarks", "main"]
 
 METRICS_FILE = "metrics.jsonl"
 

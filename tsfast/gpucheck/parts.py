@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from tsfast.plot import PlotError, read_metrics
+
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = ("baby_gpu", "gpt2")
 DEVICE = "cuda"
@@ -246,11 +248,10 @@ def convergence(rows: Rows, work: Path) -> None:
     for kernels, (proc, out, log) in procs.items():
         code = proc.wait()
         log.close()
-        losses = []
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file():
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            losses = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+        try:  # the loss curve so far, also of a run that crashed mid-write
+            losses = [(r["step"], r["loss"]) for r in read_metrics(out)[0]]
+        except PlotError:
+            losses = []
         tail = (work / f"convergence-{kernels}.log").read_text(errors="replace")[-1500:] if code else ""
         rows.add(kind="convergence", kernels=kernels, exit_code=code, losses=losses, log_tail=tail)
 

@@ -149,7 +149,7 @@ def markdown(state: dict) -> str:
         lines.append("")
         if part.get("status") != "done":
             lines += [f"*{part.get('status')}*", ""]
-        rows = [r for r in part.get("rows", []) if r.get("kind") != "error"]
+        rows = part.get("rows", [])
         if rows:
             lines += SECTIONS[name](rows)
             lines.append("")

@@ -169,6 +169,14 @@ def _globals(kind: str) -> dict[str, str]:
             "ln_f.bias": "final_layer_norm.bias"}
 
 
+def _names(kind: str, n_layer: int) -> dict[str, str]:
+    """tsfast parameter name -> the Hugging Face model's (unprefixed), for every tensor."""
+    names = _globals(kind)
+    for i in range(n_layer):
+        names.update(_layer_names(kind, i))
+    return names
+
+
 def _convert(kind: str, name: str, t: torch.Tensor, n_head: int, *, to_hf: bool) -> torch.Tensor:
     if kind == "gpt2" and t.dim() == 2 and name.startswith("blocks."):
         return t.t().contiguous()  # Conv1D keeps (in, out)
@@ -181,11 +189,7 @@ def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, 
     """A tsfast state dict as the Hugging Face model's (prefixed names, GPT-2's 50257 rows,
     zero biases where tsfast has none). The output layer is tied: not included."""
     kind = "gpt2" if config.pos == "learned" else "gpt_neox"
-    names = dict(_globals(kind))
-    for i in range(config.n_layer):
-        names.update(_layer_names(kind, i))
-    if config.pos != "learned":
-        names.pop("wpe.weight", None)
+    names = _names(kind, config.n_layer)
     out = {}
     for ours, theirs in names.items():
         t = state.get(ours)
@@ -214,11 +218,7 @@ def from_hf_state(tensors: dict[str, torch.Tensor], config: GPTConfig, hf_kind: 
         name = name.removeprefix(prefix)
         if not _is_mask_buffer(name):
             plain[name] = t
-    names = dict(_globals(hf_kind))
-    for i in range(config.n_layer):
-        names.update(_layer_names(hf_kind, i))
-    if hf_kind != "gpt2":
-        names.pop("wpe.weight", None)
+    names = _names(hf_kind, config.n_layer)
     state, biases = {}, []
     for ours, theirs in names.items():
         t = plain.pop(theirs, None)
