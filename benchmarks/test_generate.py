@@ -225,8 +225,17 @@ runpy.run_path("demo.py", run_name="__main__")
 
 @contextlib.contextmanager
 def demo_server(name: str, max_batch: int):
-    import requests
+    """DEMO_USERS gradio_client users of a demo.py subprocess (`demo_process`)."""
     from gradio_client import Client
+
+    with demo_process(name, max_batch) as (_, url):
+        yield [Client(url, verbose=False) for _ in range(DEMO_USERS)]
+
+
+@contextlib.contextmanager
+def demo_process(name: str, max_batch: int):
+    """(the demo.py process, its URL) once it serves; a random-weight model of preset `name`."""
+    import requests
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -246,7 +255,7 @@ def demo_server(name: str, max_batch: int):
                     break
             except requests.RequestException:
                 time.sleep(0.5)
-        yield [Client(url, verbose=False) for _ in range(DEMO_USERS)]
+        yield proc, url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
