@@ -33,12 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _model(name: str = "baby_cpu"):
-    from tsfast.config import preset
-    from tsfast.model import GPT
+    from test_generate import model_for  # the benchmark's random-weight model
 
-    cfg = preset(name)
-    torch.manual_seed(0)
-    return GPT(cfg.model_config(1000 if cfg.vocab == "compact" else 50257)).eval()
+    return model_for(name)
 
 
 def _median_ms(fn, calls: int = 30, flush: torch.Tensor | None = None) -> float:
