@@ -38,6 +38,15 @@ class OpCost:
         return amount / seconds / (1e12 if self.unit == "tflops" else 1e9)
 
 
+# ----------------------------------------------------------------------------- shared formulas
+
+
+def linear_flops(rows: int, in_features: int, out_features: int) -> float:
+    """Forward FLOPs of an (N, C) @ (C, F) product (a multiply-add is 2 FLOPs); used by
+    layernorm_linear and linear_cross_entropy."""
+    return 2.0 * rows * in_features * out_features
+
+
 # ----------------------------------------------------------------------------- whole model
 
 

@@ -346,14 +346,13 @@ def dln_matmul(dy: torch.Tensor, pre: torch.Tensor | None, weight: torch.Tensor)
     return dln
 
 
-def dw_matmul(dy, pre, x, mean, rstd, ln_weight, ln_bias, *, weight_dtype, with_bias: bool,
-              bias_dtype=None):
+def dw_matmul(dy, pre, x, mean, rstd, ln_weight, ln_bias, *, weight_dtype, bias_dtype=None):
     """(dW, db or None): dW = dPre^T @ LN(x) with LN recomputed on load; db = rows' sum of dPre.
-    dW in `weight_dtype` (the dot operands too), db in `bias_dtype` (default: weight_dtype)."""
+    dW in `weight_dtype` (the dot operands too), db in `bias_dtype` (None: no bias, no db)."""
     N, F = dy.shape
     C = x.shape[1]
     dw = torch.empty(F, C, dtype=weight_dtype, device=dy.device)
-    db = torch.empty(F, dtype=bias_dtype or weight_dtype, device=dy.device) if with_bias else None
+    db = None if bias_dtype is None else torch.empty(F, dtype=bias_dtype, device=dy.device)
 
     def grid(meta):
         return (triton.cdiv(F, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
@@ -362,7 +361,7 @@ def dw_matmul(dy, pre, x, mean, rstd, ln_weight, ln_bias, *, weight_dtype, with_
         dy, dy if pre is None else pre, x, mean, rstd, ln_weight,
         ln_weight if ln_bias is None else ln_bias, dw, dw if db is None else db,
         N, F, C, n_bucket(N),
-        GELU=pre is not None, HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=with_bias,
+        GELU=pre is not None, HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=db is not None,
         DOT_PRECISION=dot_precision(weight_dtype, dy.device),
     )
     return dw, db
@@ -376,8 +375,8 @@ def column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def layer_norm_backward(x, dy, ln_weight, ln_bias, mean, rstd, *, need_dbeta: bool, ln_out_dtype=None):
-    """(dx, dgamma, dbeta or None, LN(x) or None) for LayerNorm rows x (N, C), contiguous.
+def layer_norm_backward(x, dy, ln_weight, ln_bias, mean, rstd, *, ln_out_dtype=None):
+    """(dx, dgamma, dbeta (None without ln_bias), LN(x) or None) for LayerNorm rows x (N, C), contiguous.
 
     dy (N, C) contiguous, any float dtype; dx in x's dtype, dgamma and dbeta in gamma's and
     beta's. With `ln_out_dtype`, the same pass also writes LN(x) in that dtype (what a dW GEMM
@@ -396,8 +395,7 @@ def layer_norm_backward(x, dy, ln_weight, ln_bias, mean, rstd, *, need_dbeta: bo
         HAS_LN_BIAS=ln_bias is not None, WRITE_LN=ln_out is not None,
         BLOCK_C=block_c, num_warps=row_warps(block_c, max(dy.element_size(), x.element_size())),
     )
-    beta_dtype = ln_weight.dtype if ln_bias is None else ln_bias.dtype
-    dbeta = column_sum(dbeta_part, beta_dtype) if need_dbeta else None
+    dbeta = None if ln_bias is None else column_sum(dbeta_part, ln_bias.dtype)
     return dx, column_sum(dgamma_part, ln_weight.dtype), dbeta, ln_out
 
 
@@ -411,9 +409,8 @@ def layernorm_linear_backward_prologue(dy, x, mean, rstd, ln_weight, ln_bias, we
     dx = dgamma = dbeta = dw = db = None
     if input_grads:
         dln = dln_matmul(dy, pre, weight)
-        dx, dgamma, dbeta, _ = layer_norm_backward(x, dln, ln_weight, ln_bias, mean, rstd,
-                                                   need_dbeta=ln_bias is not None)
+        dx, dgamma, dbeta, _ = layer_norm_backward(x, dln, ln_weight, ln_bias, mean, rstd)
     if weight_grads:
         dw, db = dw_matmul(dy, pre, x, mean, rstd, ln_weight, ln_bias, weight_dtype=weight.dtype,
-                           with_bias=bias is not None, bias_dtype=None if bias is None else bias.dtype)
+                           bias_dtype=None if bias is None else bias.dtype)
     return dx, dgamma, dbeta, dw, db

@@ -147,7 +147,7 @@ def layernorm_linear_backward_dpre(dy, x, mean, rstd, ln_weight, ln_bias, weight
     if input_grads:
         dln = mm_fp32_out(dpre, weight)
         dx, dgamma, dbeta, ln_out = layer_norm_backward(
-            x, dln, ln_weight, ln_bias, mean, rstd, need_dbeta=ln_bias is not None,
+            x, dln, ln_weight, ln_bias, mean, rstd,
             ln_out_dtype=cd if weight_grads else None,
         )
     if weight_grads:

@@ -27,6 +27,7 @@ import torch
 from tsfast import meter as _meter
 from tsfast.flops import OpCost
 from tsfast.ops import selection
+from tsfast.ops._checks import dtype_name
 
 log = logging.getLogger("tsfast.ops")
 
@@ -162,7 +163,7 @@ def choose(family: selection.Family, device: torch.device, call: tuple, declined
     if len(allowed) == 1:
         return allowed[0]
     autocast = autocast_dtype(device.type)
-    return selection.current().pick(family, device, call, allowed, str(autocast).removeprefix("torch.") if autocast else None)
+    return selection.current().pick(family, device, call, allowed, dtype_name(autocast) if autocast else None)
 
 
 choose._dynamo_marked_constant = True  # as use_triton: evaluated while tracing, compiled in
@@ -183,6 +184,14 @@ def run(op: str, backend: str, impl, args: tuple, cost) -> torch.Tensor:
         return impl(*args)
     spent: OpCost = cost()
     return meter.time_call(op, backend, spent, impl, args, {})
+
+
+def dispatch(family: selection.Family, device: torch.device, call: tuple, declined: str | None,
+             args: tuple, cost) -> torch.Tensor:
+    """Run the candidate `choose` picks for this call on `args`, metered under family.op.
+    Not itself a constant: only `choose` is compiled in, the call runs traced."""
+    c = family.candidate(choose(family, device, call, declined))
+    return run(family.op, c.name, c.impl, args, cost)
 
 
 # Custom ops cannot return None: an absent tensor (no gradient asked for, no bias) travels as

@@ -1,5 +1,6 @@
 """Argument checks shared by the op modules: both backends reject bad input with the same
-TypeError / ValueError, raised before either runs."""
+TypeError / ValueError, raised before either runs. Also the call-description helpers
+(dtype name, gradient wanted) every op's dispatch uses."""
 
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ def check_target_range(targets, vocab: int, ignore_index: int) -> None:
 def check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the form a call description and the selection cache use)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def wants_grad(*tensors) -> bool:
+    """Whether a gradient is wanted for any of `tensors` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def float64_declined(t: torch.Tensor) -> str | None:

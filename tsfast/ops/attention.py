@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from tsfast.flops import OpCost
 from tsfast.ops import _backend
-from tsfast.ops._checks import check_float, check_same, float64_declined
+from tsfast.ops._checks import check_float, check_same, dtype_name, float64_declined, wants_grad
 from tsfast.ops.rotary import doc_positions, rope_cos_sin, rope_rotate, rotate
 from tsfast.ops.selection import Candidate, Family
 
@@ -304,14 +304,12 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     doc_ids: (B, Tk) non-decreasing ints or None. Returns (B, H, Tq, D) in q's dtype."""
     _validate(q, k, v, cos, sin, dropout_p, doc_ids)
     B, H, Tq, D = q.shape
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    call = (B, H, Tq, k.shape[2], D, bool(causal), cos is not None, str(q.dtype).removeprefix("torch."), grad)
+    call = (B, H, Tq, k.shape[2], D, bool(causal), cos is not None, dtype_name(q.dtype), wants_grad(q, k, v))
     declined = kernel_declines(q, k, dropout_p=dropout_p)
-    chosen = FAMILY.candidate(_backend.choose(FAMILY, q.device, call, declined))
 
     def cost():
         pairs = None if doc_ids is None else attended_pairs(doc_ids, Tq, causal)
         return rope_attention_cost(B, H, Tq, D, causal=causal, k_len=k.shape[2], pairs=pairs)
 
-    return _backend.run("rope_attention", chosen.name, chosen.impl,
-                        (q, k, v, cos, sin, doc_ids, causal, scale, dropout_p), cost)
+    return _backend.dispatch(FAMILY, q.device, call, declined,
+                             (q, k, v, cos, sin, doc_ids, causal, scale, dropout_p), cost)

@@ -31,22 +31,24 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from tsfast.flops import OpCost
+from tsfast.flops import OpCost, linear_flops
 from tsfast.ops import _backend
 from tsfast.ops._backend import empty_as_none as _or_none
 from tsfast.ops._backend import none_as_empty as _or_empty
-from tsfast.ops._checks import check_float, check_same, check_vector, float64_declined
+from tsfast.ops._checks import (
+    check_float,
+    check_same,
+    check_vector,
+    dtype_name,
+    float64_declined,
+    wants_grad,
+)
 from tsfast.ops.selection import Candidate, Family
 
 ACTIVATIONS = (None, "gelu_tanh")
 
 
 # ----------------------------------------------------------------------------- cost
-
-
-def linear_flops(rows: int, in_features: int, out_features: int) -> float:
-    """Forward FLOPs of an (N, C) @ (C, F) product (a multiply-add is 2 FLOPs)."""
-    return 2.0 * rows * in_features * out_features
 
 
 def layernorm_linear_cost(rows: int, in_features: int, out_features: int) -> OpCost:
@@ -178,7 +180,7 @@ def _layer_norm_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, b
                     mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x2.shape[0] == 0:
         return torch.zeros_like(x2), torch.zeros_like(weight), _or_empty(None if bias is None else torch.zeros_like(bias), x2)
-    dx, dgamma, dbeta, _ = _kernels().layer_norm_backward(x2, dy2, weight, bias, mean, rstd, need_dbeta=bias is not None)
+    dx, dgamma, dbeta, _ = _kernels().layer_norm_backward(x2, dy2, weight, bias, mean, rstd)
     return dx, dgamma, _or_empty(dbeta, x2)
 
 
@@ -281,14 +283,6 @@ LAYER_NORM = Family(
 )
 
 
-def _wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _dtype_name(t) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 # ----------------------------------------------------------------------------- the ops
 
 
@@ -304,12 +298,11 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, activation=Non
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     C, F_ = weight.shape[1], weight.shape[0]
-    call = (x.numel() // C, C, F_, activation, ln_bias is not None, bias is not None, _dtype_name(x),
-            _wants_grad(x, ln_weight, ln_bias, weight, bias))
-    chosen = LAYERNORM_LINEAR.candidate(_backend.choose(LAYERNORM_LINEAR, x.device, call, float64_declined(x)))
-    return _backend.run("layernorm_linear", chosen.name, chosen.impl,
-                        (x, ln_weight, ln_bias, weight, bias, activation, eps),
-                        lambda: layernorm_linear_cost(x.numel() // C, C, F_))
+    call = (x.numel() // C, C, F_, activation, ln_bias is not None, bias is not None, dtype_name(x.dtype),
+            wants_grad(x, ln_weight, ln_bias, weight, bias))
+    return _backend.dispatch(LAYERNORM_LINEAR, x.device, call, float64_declined(x),
+                             (x, ln_weight, ln_bias, weight, bias, activation, eps),
+                             lambda: layernorm_linear_cost(x.numel() // C, C, F_))
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5):
@@ -317,7 +310,6 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     _validate_norm(x, weight, bias, eps)
     check_same("x,weight,bias", (x, weight, bias), "dtype")
     C = x.shape[-1]
-    call = (x.numel() // C, C, bias is not None, _dtype_name(x), _wants_grad(x, weight, bias))
-    chosen = LAYER_NORM.candidate(_backend.choose(LAYER_NORM, x.device, call, float64_declined(x)))
-    return _backend.run("layer_norm", chosen.name, chosen.impl, (x, weight, bias, eps),
-                        lambda: layer_norm_cost(x.numel() // C, C, x.element_size()))
+    call = (x.numel() // C, C, bias is not None, dtype_name(x.dtype), wants_grad(x, weight, bias))
+    return _backend.dispatch(LAYER_NORM, x.device, call, float64_declined(x), (x, weight, bias, eps),
+                             lambda: layer_norm_cost(x.numel() // C, C, x.element_size()))

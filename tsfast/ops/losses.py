@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tsfast.flops import OpCost
+from tsfast.flops import OpCost, linear_flops
 from tsfast.ops import _backend
 from tsfast.ops._backend import empty_as_none as _or_none
 from tsfast.ops._backend import none_as_empty as _or_empty
@@ -47,7 +47,9 @@ from tsfast.ops._checks import (
     check_same,
     check_target_range,
     check_targets,
+    dtype_name,
     float64_declined,
+    wants_grad,
 )
 from tsfast.ops._chunked_loss import linear_cross_entropy_chunked, reduce_rows
 from tsfast.ops.selection import Candidate, Family
@@ -64,7 +66,7 @@ def cross_entropy_cost(rows: int, vocab: int, elem_bytes: int) -> OpCost:
 
 
 def linear_cross_entropy_cost(rows: int, width: int, vocab: int, *, with_grad: bool) -> OpCost:
-    logits = 2.0 * rows * width * vocab
+    logits = linear_flops(rows, width, vocab)
     return OpCost(logits + (2 * logits if with_grad else 0.0), 0.0, "tflops")
 
 
@@ -281,10 +283,6 @@ LINEAR_CROSS_ENTROPY = Family(
 )
 
 
-def _dtype_name(t) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 # ----------------------------------------------------------------------------- the ops
 
 
@@ -297,11 +295,10 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean"):
     check_target_range(targets, logits.shape[1], ignore_index)
     check_reduction(reduction)
     N, V = logits.shape
-    call = (N, V, reduction, _dtype_name(logits), torch.is_grad_enabled() and logits.requires_grad)
-    chosen = CROSS_ENTROPY.candidate(_backend.choose(CROSS_ENTROPY, logits.device, call, float64_declined(logits)))
-    return _backend.run("cross_entropy", chosen.name, chosen.impl,
-                        (logits, targets, ignore_index, reduction),
-                        lambda: cross_entropy_cost(N, V, logits.element_size()))
+    call = (N, V, reduction, dtype_name(logits.dtype), wants_grad(logits))
+    return _backend.dispatch(CROSS_ENTROPY, logits.device, call, float64_declined(logits),
+                             (logits, targets, ignore_index, reduction),
+                             lambda: cross_entropy_cost(N, V, logits.element_size()))
 
 
 def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean"):
@@ -319,10 +316,8 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="me
     check_targets(targets, h.shape[0], h)
     check_target_range(targets, weight.shape[0], ignore_index)
     check_reduction(reduction)
-    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    call = (h.shape[0], h.shape[1], weight.shape[0], reduction, _dtype_name(h), with_grad)
-    chosen = LINEAR_CROSS_ENTROPY.candidate(
-        _backend.choose(LINEAR_CROSS_ENTROPY, h.device, call, float64_declined(h)))
-    return _backend.run("linear_cross_entropy", chosen.name, chosen.impl,
-                        (h, weight, targets, ignore_index, reduction),
-                        lambda: linear_cross_entropy_cost(h.shape[0], h.shape[1], weight.shape[0], with_grad=with_grad))
+    with_grad = wants_grad(h, weight)
+    call = (h.shape[0], h.shape[1], weight.shape[0], reduction, dtype_name(h.dtype), with_grad)
+    return _backend.dispatch(LINEAR_CROSS_ENTROPY, h.device, call, float64_declined(h),
+                             (h, weight, targets, ignore_index, reduction),
+                             lambda: linear_cross_entropy_cost(h.shape[0], h.shape[1], weight.shape[0], with_grad=with_grad))
