@@ -60,6 +60,23 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what creating
+    `path` will create (see `remove_empty_dirs`)."""
+    path = Path(path)
+    return [d for d in (path, *path.parents) if not d.exists()]
+
+
+def remove_empty_dirs(directories: list[Path]) -> None:
+    """Remove `directories` (deepest first, from `missing_dirs`) while they are empty: the
+    first that is not (something was written into it) ends it, with its parents."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.50 KiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

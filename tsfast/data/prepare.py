@@ -58,7 +58,13 @@ from tsfast.data.tokenizer import (
     TokenizerUnavailable,
     get_tokenizer,
 )
-from tsfast.files import fsync_dir, remove_stale_temporaries, temp_path
+from tsfast.files import (
+    fsync_dir,
+    missing_dirs,
+    remove_empty_dirs,
+    remove_stale_temporaries,
+    temp_path,
+)
 
 DATASETS = ("tinystories", "synthetic")
 DEFAULT_SYNTHETIC_STORIES = 40_000  # about 5M tokens: the tiny preset sees under one epoch
@@ -163,15 +169,6 @@ def _already_prepared(out: Path, fingerprint: str) -> bool:
     return True
 
 
-def _remove_empty(directories: list[Path]) -> None:
-    """Remove the directories a failed run created (deepest first) while they are empty."""
-    for directory in directories:
-        try:
-            directory.rmdir()
-        except OSError:
-            return
-
-
 def _tokenize_splits(out: Path, sources: dict, limit: int | None, workers: int,
                      progress: bool) -> dict[str, SplitWriter]:
     """Write every split to temporaries; on any failure remove them and re-raise."""
@@ -273,7 +270,7 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
         print(f"prepare: {out} is already prepared from the same inputs; skipping "
               "(pass --force to redo it)", flush=True)
         return out
-    created = [d for d in (out, *out.parents) if not d.exists()]  # removed again if this run fails
+    created = missing_dirs(out)  # removed again if this run fails
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -283,7 +280,7 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
     try:
         writers = _tokenize_splits(out, sources, limit, workers, progress)
     except BaseException as exc:
-        _remove_empty(created)
+        remove_empty_dirs(created)
         if isinstance(exc, OSError):  # disk full, read-only directory, a file vanishing mid-read
             raise PrepareError(f"preparing {out} failed ({exc}); the existing data there is unchanged; "
                                "fix the cause (space, permissions) and run again") from exc
@@ -310,7 +307,7 @@ def prepare(dataset: str = "synthetic", out_dir: str | Path = "data", *, version
     except BaseException as exc:
         for writer in writers.values():
             writer.temp.unlink(missing_ok=True)
-        _remove_empty(created)
+        remove_empty_dirs(created)
         if isinstance(exc, OSError):
             raise PrepareError(f"finishing {out} failed ({exc}); run again to prepare it") from exc
         raise

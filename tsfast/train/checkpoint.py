@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tsfast.config import MODEL_FIELDS, ConfigError, GPTConfig
+from tsfast.config import MODEL_FIELDS, GPTConfig
+from tsfast.files import fsync_dir, temp_path
 from tsfast.model import GPT
 from tsfast.train.ckpt_fields import CheckpointError, check_fields
 from tsfast.train.outdir import OutputError, check_free_space
@@ -75,7 +76,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary file, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -85,14 +86,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the data itself is synced
+    fsync_dir(path.parent)  # make the rename itself durable
 
 
 def _to_cpu(obj):
@@ -248,10 +242,8 @@ def _verify_checksum(ckpt: dict, path: Path) -> bool:
 
 
 def model_config_of(ckpt: dict, path: str | os.PathLike = "checkpoint") -> GPTConfig:
-    try:
-        return GPTConfig(**ckpt["model_config"])
-    except (TypeError, ConfigError) as e:
-        raise CheckpointError(f"{path} has a model config this tsfast cannot build: {e}") from None
+    """The model config of a dict from read_checkpoint (which checked that it builds)."""
+    return GPTConfig(**ckpt["model_config"])
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, path: str | os.PathLike = "checkpoint") -> None:
@@ -285,7 +277,7 @@ def check_same_architecture(ckpt: dict, train_config: dict, path: str | os.PathL
 
 
 def vocab_of(ckpt: dict):
-    """The checkpoint's CompactVocab, or None for the full GPT-2 vocabulary."""
+    """The CompactVocab of a dict from read_checkpoint, or None for the full GPT-2 vocabulary."""
     if ckpt["vocab"] is None:
         return None
     from tsfast.data.vocab import CompactVocab
@@ -306,10 +298,7 @@ def load_for_inference(path: str | os.PathLike = "out/ckpt.pt", device: str = "a
     load_model_state(model, ckpt, path)
     dtype = ckpt["model"]["wte.weight"].dtype
     model.to(device=resolve_device(device), dtype=dtype).eval()
-    try:
-        vocab = vocab_of(ckpt)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} has a vocabulary map this tsfast cannot read: {e}") from None
+    vocab = vocab_of(ckpt)  # read_checkpoint checked that it reads
     train_config = saved_train_config(ckpt)
     return LoadedModel(
         model=model,

@@ -113,10 +113,7 @@ def parse(argv: list[str] | None) -> tuple[TrainConfig, dict | None, list[str]]:
         path = Path(out_dir) / "resume.pt" if args.resume == "auto" else Path(args.resume)
         resume = ckpt_io.read_checkpoint(path, resume=True, note=lambda line: notes.append(f"note: {line}"))
         if args.config is None:
-            try:
-                base = TrainConfig(**ckpt_io.saved_train_config(resume))
-            except TypeError as e:
-                raise ckpt_io.CheckpointError(f"{path} has a train config this tsfast cannot read: {e}") from None
+            base = TrainConfig(**ckpt_io.saved_train_config(resume))  # read_checkpoint checked it
             notes.append(f"resuming {path}: config {base.name} from the checkpoint")
         else:
             base = preset(args.config)

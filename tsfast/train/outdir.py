@@ -28,7 +28,7 @@ try:
 except ImportError:  # Windows: no flock; runs go unlocked (`RunLock.warning` says so)
     fcntl = None
 
-from tsfast.files import human_bytes, remove_stale_temporaries
+from tsfast.files import human_bytes, missing_dirs, remove_empty_dirs, remove_stale_temporaries
 
 LOCK_FILE = ".lock"
 # torch.save adds headers and 64-byte alignment per tensor to the raw tensor bytes.
@@ -56,7 +56,7 @@ def _prepare(path: Path) -> list[Path]:
     if blocker is not None:
         where = "is a file" if blocker == path else f"lies under {blocker}, which is a file"
         raise OutDirError(f"--out_dir {path} {where}, not a directory; pick another --out_dir")
-    created = [d for d in (path, *path.parents) if not d.exists()]
+    created = missing_dirs(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -119,11 +119,7 @@ class RunLock:
             pass  # a read-only directory now: the unlocked file is harmless
         os.close(self.fd)
         self.fd = None
-        for directory in self.created:
-            try:
-                directory.rmdir()
-            except OSError:
-                break  # not empty: the run wrote into it
+        remove_empty_dirs(self.created)
 
 
 def open_out_dir(out_dir: str | os.PathLike) -> RunLock:
@@ -134,8 +130,7 @@ def open_out_dir(out_dir: str | os.PathLike) -> RunLock:
     try:
         lock = RunLock.acquire(path)
     except OutDirError:
-        for directory in created:
-            directory.rmdir()
+        remove_empty_dirs(created)
         raise
     lock.created = created
     remove_stale_temporaries(path)
