@@ -43,9 +43,9 @@ def launch(preset: str, seed: int, doc_mask: bool, out: Path, extra: list[str]) 
 
 
 def read_run(out: Path) -> dict:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["type"] == "train"]
-    evals = [r for r in records if r["type"] == "eval"]
+    from tsfast.plot import read_metrics
+
+    train, evals = read_metrics(out)
     rates = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
     return {"step": evals[-1]["step"], "val_loss": evals[-1]["val_loss"],
             "tokens_per_s": statistics.median(rates), "tokens_per_s_all": rates}

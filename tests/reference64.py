@@ -13,13 +13,6 @@ import math
 import torch
 
 
-def rope_tables(T: int, D: int, base: float = 10000.0):
-    """(T, D/2) float64 cos and sin."""
-    inv_freq = 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
-
-
 def positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """Each token's index minus the index of its document's first token, by a plain loop."""
     B, T = doc_ids.shape

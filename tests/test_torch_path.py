@@ -50,10 +50,6 @@ def _loss_and_grads(fn, h, w, t, reduction, upstream):
     return loss.detach(), h.grad, w.grad
 
 
-def _oracle(h, w, t, *, ignore_index, reduction):
-    return F.cross_entropy(h @ w.t(), t, ignore_index=ignore_index, reduction=reduction)
-
-
 @pytest.fixture
 def small_chunks(monkeypatch):
     """32-row chunks: 150 rows make 5 equal chunks of 30."""
@@ -69,7 +65,7 @@ def test_chunked_matches_float64_oracle(small_chunks, reduction, random_upstream
     upstream = torch.randn((150,) if reduction == "none" else (), generator=g, dtype=torch.float64)
     up = upstream if random_upstream else None
     got = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64.float(), w64.float(), t, reduction, up)
-    ref = _loss_and_grads(_oracle, h64, w64, t, reduction, up)
+    ref = _loss_and_grads(reference64.linear_cross_entropy, h64, w64, t, reduction, up)
     for name, a, b in zip(("loss", "dh", "dW"), got, ref, strict=True):
         assert a.dtype == torch.float32, name
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=2e-6, msg=name)
@@ -81,7 +77,7 @@ def test_chunked_matches_float64_oracle(small_chunks, reduction, random_upstream
 def test_float64_stays_float64(reduction):
     h64, w64, t, _ = _inputs(40, 32, 97, seed=5)
     got = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64, w64, t, reduction, None)
-    ref = _loss_and_grads(_oracle, h64, w64, t, reduction, None)
+    ref = _loss_and_grads(reference64.linear_cross_entropy, h64, w64, t, reduction, None)
     for a, b in zip(got, ref, strict=True):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -91,7 +87,7 @@ def test_fp16_inputs_compute_in_fp32_and_return_their_dtype():
     h64, w64, t, _ = _inputs(33, 64, 1000, seed=6)
     loss, dh, dw = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64.half(), w64.half(), t, "mean", None)
     assert (loss.dtype, dh.dtype, dw.dtype) == (torch.float32, torch.float16, torch.float16)
-    ref = _loss_and_grads(_oracle, h64.half().double(), w64.half().double(), t, "mean", None)
+    ref = _loss_and_grads(reference64.linear_cross_entropy, h64.half().double(), w64.half().double(), t, "mean", None)
     torch.testing.assert_close(loss.double(), ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dh.double(), ref[1], rtol=1e-2, atol=1e-4)
 
@@ -101,7 +97,7 @@ def test_huge_logits_give_exact_finite_losses():
     is recovered from the largest probability, which never underflows."""
     h64, w64, t, _ = _inputs(12, 64, 500, seed=7, ignored=0.0, scale=40.0)
     loss, dh, dw = _loss_and_grads(chunked.linear_cross_entropy_chunked, h64.float(), w64.float(), t, "none", None)
-    ref = _loss_and_grads(_oracle, h64.float().double(), w64.float().double(), t, "none", None)
+    ref = _loss_and_grads(reference64.linear_cross_entropy, h64.float().double(), w64.float().double(), t, "none", None)
     assert ref[0].max() > 1000  # the check is meaningful: p_t = exp(-loss) is 0 in fp32
     assert torch.isfinite(loss).all() and torch.isfinite(dh).all() and torch.isfinite(dw).all()
     torch.testing.assert_close(loss.double(), ref[0], rtol=1e-5, atol=0.05)

@@ -63,17 +63,26 @@ def _cases():
                                    id=f"{family.op}-{cand.name}-{desc}-{str(dtype)[6:]}")
 
 
-def _run(fn, args, wrt_index, upstream):
-    """fn's output and the gradients of (out * upstream).sum() for the args at wrt_index,
-    from fresh leaf copies."""
+def _forward(fn, args, wrt_index):
+    """fn's output, and the fresh leaf copies of the args at wrt_index it was computed from."""
     args = list(args)
     leaves = []
     for i in wrt_index:
         args[i] = args[i].detach().clone().requires_grad_()
         leaves.append(args[i])
-    out = fn(*args)
+    return fn(*args), leaves
+
+
+def _backward(out, leaves, upstream):
+    """out, detached, and the gradients of (out * upstream).sum() for the leaves."""
     grads = torch.autograd.grad((out * upstream.to(out.dtype)).sum(), leaves)
     return out.detach(), grads
+
+
+def _run(fn, args, wrt_index, upstream):
+    """fn's output and the gradients of (out * upstream).sum() for the args at wrt_index,
+    from fresh leaf copies."""
+    return _backward(*_forward(fn, args, wrt_index), upstream)
 
 
 def _float64(args):
@@ -90,13 +99,13 @@ def test_candidate_matches_the_oracle(family, call, name, dtype):
     cand = family.candidate(name)
     oracle = ORACLES[family.op]
     g = torch.Generator(device=dev).manual_seed(1)
-    with torch.no_grad():
-        shape = cand.impl(*args).shape
-    upstream = torch.randn(shape, generator=g, device=dev, dtype=torch.float64)
-    out, grads = _run(cand.impl, args, wrt_index, upstream)
+    out, leaves = _forward(cand.impl, args, wrt_index)  # upstream takes the output's shape
+    upstream = torch.randn(out.shape, generator=g, device=dev, dtype=torch.float64)
+    out, grads = _backward(out, leaves, upstream)
     ref, ref_grads = _run(oracle, _float64(args), wrt_index, upstream)
     base, base_grads = _run(oracle, args, wrt_index, upstream)
-    default_dtype = _run(family.default("torch").impl, args, wrt_index, upstream)[0].dtype
+    with torch.no_grad():  # the torch paths' output dtype does not depend on grad mode
+        default_dtype = family.default("torch").impl(*args).dtype
     assert out.dtype == default_dtype, f"{name} returns {out.dtype}, the torch path {default_dtype}"
     assert_parity(f"{family.op}/{name} output", out, base, ref)
     for i, (a, b, r) in enumerate(zip(grads, base_grads, ref_grads, strict=True)):

@@ -2,8 +2,8 @@
 through the launchers `_forward` / `_backward` directly.
 
 Oracle: float64 attention with an explicit (B, T, T) mask (same document and, if causal,
-s <= t) and explicit per-token rotary positions (index minus the index of the document's
-first token), both built here by brute force. Parity rule: |kernel - ref64| <=
+s <= t) built here by brute force, and explicit per-token rotary positions (index minus the
+index of the document's first token) from tests/reference64.py. Parity rule: |kernel - ref64| <=
 2 * |torch_same_dtype - ref64| + atol for o, lse, dq, dk, dv. On CPU the kernels run in
 Triton's interpreter with one pinned block config (fwd 64x32, dk/dv 32x64, dq 64x32), so the
 layouts below put document boundaries on, just before and just after block edges.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference64
 import torch
 import torch.nn.functional as F
 
@@ -53,18 +54,12 @@ def ids_from_lengths(lengths, first_id=0, step=1):
 
 
 def oracle_layout(doc_ids, causal):
-    """(mask (B, T, T), pos (B, T)) by brute force: same document, earlier-or-equal if causal."""
+    """(mask (B, T, T), pos (B, T)); the mask by brute force: same document, earlier-or-equal
+    if causal."""
     T = doc_ids.shape[1]
     same = doc_ids[:, :, None] == doc_ids[:, None, :]
     mask = same & torch.ones(T, T, dtype=torch.bool).tril() if causal else same
-    first = same.int().argmax(-1)  # index of the first token with the same id
-    return mask, torch.arange(T) - first
-
-
-def rotate64(x, cos, sin):
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+    return mask, reference64.positions(doc_ids)
 
 
 def attend(q, k, v, cos, sin, doc_ids, causal, grad, *, dtype_path):
@@ -82,7 +77,7 @@ def attend(q, k, v, cos, sin, doc_ids, causal, grad, *, dtype_path):
         qr, kr = apply_rope(q, c, s), apply_rope(k, c, s)
     else:
         c, s = cos.double()[pos][:, None], sin.double()[pos][:, None]
-        qr, kr = rotate64(q, c, s), rotate64(k, c, s)
+        qr, kr = reference64.rotate(q, c, s), reference64.rotate(k, c, s)
     scale = q.shape[-1] ** -0.5
     att = (qr @ kr.transpose(-2, -1) * scale).masked_fill(~mask[:, None], float("-inf"))
     lse = torch.logsumexp(att, -1)
