@@ -203,6 +203,15 @@ def test_init_from_shapes_that_cannot_be_honoured(gpt2_dir, flags, match, capsys
     assert match in err, err
 
 
+def test_init_from_a_config_that_is_not_an_object(gpt2_dir, tmp_path, capsys):  # noqa: F811
+    broken = tmp_path / "model"
+    shutil.copytree(gpt2_dir, broken)
+    (broken / "config.json").write_text(json.dumps(["n_layer", 2]))
+    assert cli.main(["--config", "tiny", "--init_from", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "config.json is not a JSON object" in err, err
+
+
 def test_wandb_flag_without_wandb_says_how_to_get_it(monkeypatch, capsys):
     import importlib.util
 

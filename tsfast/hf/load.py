@@ -177,6 +177,8 @@ def plan_init(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, list[s
     path = resolve(cfg.init_from)
     try:
         config = json.loads((path / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError("config.json is not a JSON object")
         shape = tsfast_config(config, str(path), bias=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"--init_from {cfg.init_from}: {e}") from None
