@@ -159,18 +159,16 @@ class BatchDecoder:
     def add(self, request: Request, key: Hashable = None) -> Hashable:
         """Queue a request (ValueError for bad settings or prompt ids); returns its key (the
         given one, or 0, 1, 2, ... in order of adding)."""
+        r = request
+        tokens = self.check(r)
         if key is None:
             key = next(self._auto_keys)
         if any(row.key == key for row in itertools.chain(self.rows, self.pending)):
             raise ValueError(f"a request with key {key!r} is already running")
-        self._queue(request, self.check(request), key)
-        return key
-
-    def _queue(self, r: Request, tokens: list[int], key: Hashable) -> None:
-        """Queue a checked request (`check` gave `tokens`) under a new key."""
         row = _Row(key, r, tokens, _model_eos(r.eos_id, self.vocab), _make_generator(r.seed, self.device))
         row.start = window_start(len(tokens), 0, self.block_size)  # a prompt longer than the context: its newest
         self.pending.append(row)
+        return key
 
     def cancel(self, key: Hashable) -> None:
         """Drop the request (running or queued); no more events for it. Unknown keys are ignored."""
@@ -418,17 +416,17 @@ class BatchServer:
     def __init__(self, model: GPT, *, max_batch: int = 8, vocab=None):
         self.decoder = BatchDecoder(model, max_batch=max_batch, vocab=vocab)
         self._lock = threading.Lock()
-        self._inbox: list[tuple[Request, list[int], Stream]] = []  # checked in `submit`
+        self._inbox: list[tuple[Request, Stream]] = []
         self._cancels: list[int] = []
         self._streams: dict[int, weakref.ref[Stream]] = {}  # running or queued in the decoder
         self._keys = itertools.count()
         self._running = False
 
     def submit(self, request: Request) -> Stream:
-        tokens = self.decoder.check(request)
+        self.decoder.check(request)
         with self._lock:
             stream = Stream(self, next(self._keys))
-            self._inbox.append((request, tokens, stream))
+            self._inbox.append((request, stream))
             if not self._running:
                 self._running = True
                 threading.Thread(target=self._work, name="tsfast-batch", daemon=True).start()
@@ -437,7 +435,7 @@ class BatchServer:
     def _cancel(self, key: int) -> None:
         with self._lock:
             self._cancels.append(key)
-            self._inbox = [item for item in self._inbox if item[2].key != key]
+            self._inbox = [(r, s) for r, s in self._inbox if s.key != key]
 
     def _work(self) -> None:
         try:
@@ -446,9 +444,12 @@ class BatchServer:
                     for key in self._cancels:
                         self.decoder.cancel(key)
                         self._streams.pop(key, None)
-                    for request, tokens, stream in self._inbox:  # keys are new: nothing to refuse
-                        self.decoder._queue(request, tokens, stream.key)
-                        self._streams[stream.key] = weakref.ref(stream)
+                    for request, stream in self._inbox:
+                        try:
+                            self.decoder.add(request, key=stream.key)
+                            self._streams[stream.key] = weakref.ref(stream)
+                        except ValueError as e:
+                            stream._put(Event(stream.key, end="error", error=e))
                     self._cancels, self._inbox = [], []
                     if not self.decoder.busy:
                         self._running = False
@@ -459,10 +460,10 @@ class BatchServer:
             log.exception("the batching thread failed")
             with self._lock:
                 self._running = False
-                keys = list(self._streams) + [s.key for _, _, s in self._inbox]
+                keys = list(self._streams) + [s.key for _, s in self._inbox]
                 for key in keys:
                     self.decoder.cancel(key)
-                for _, _, stream in self._inbox:
+                for _, stream in self._inbox:
                     stream._put(Event(stream.key, end="error", error=e))
                 for key in list(self._streams):
                     self._deliver(Event(key, end="error", error=e))
