@@ -299,6 +299,10 @@ def build_app(ckpt: str | Path = "out/ckpt.pt", device: str = "auto", max_batch:
             outputs=[story, status],
             api_name="generate",
             concurrency_limit=max_batch,  # one batch row per running request; the rest queue
+            # The handler yields plain strings, which is what the Textbox and Markdown would
+            # make of them; skipping Gradio's postprocess spares two worker-thread round
+            # trips per token (BENCHMARKS.md section 5).
+            postprocess=False,
         )
         stop.click(teller.request_stop, queue=False, api_name="stop")
         app.load(teller.info, outputs=[info], api_name=False)

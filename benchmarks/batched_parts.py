@@ -89,7 +89,6 @@ def step_profile(args) -> None:
 
 def demo_cpu(args) -> None:
     import test_generate as bench
-    from gradio_client import Client
 
     def cpu_seconds(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -97,7 +96,7 @@ def demo_cpu(args) -> None:
 
     for max_batch in (1, bench.DEMO_USERS):
         with bench.demo_process(args.model, max_batch) as (proc, url):
-            clients = [Client(url, verbose=False) for _ in range(bench.DEMO_USERS)]
+            clients = bench.demo_users(url)
             bench._serve_users(clients[:1], 16)
             for _ in range(2):
                 server, ours = cpu_seconds(proc.pid), time.process_time()
