@@ -308,3 +308,56 @@ def test_choose_is_a_dynamo_constant():
     probe = torch.compiler.assume_constant_result(lambda: None)
     marks = [a for a in vars(probe) if a.startswith("_dynamo")]
     assert marks and all(getattr(_backend.choose, a) for a in marks)
+
+
+# ----------------------------------------------------------------------------- document masks
+
+
+def test_masked_attention_is_keyed_and_timed_apart(measuring_on_cpu, monkeypatch):
+    """A call with doc_ids and one without are two keys; the masked one is timed on packed
+    stories (bench_doc_ids), the unmasked one without a mask."""
+    from tsfast.ops import attention
+    from tsfast.testing import interpreter_ready
+
+    if interpreter_ready():
+        pytest.skip(str(interpreter_ready()))
+    sel, calls = measuring_on_cpu
+    monkeypatch.setattr(_backend, "use_triton", lambda op, device, declined=None: declined is None)
+    timed_masks = []
+    real_inputs = attention.FAMILY.bench_inputs
+
+    def spy(call, device):
+        args, wrt = real_inputs(call, device)
+        timed_masks.append(args[5])
+        return args, wrt
+
+    monkeypatch.setattr(attention.FAMILY, "bench_inputs", spy)
+    B, H, T, D = 2, 2, 150, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    cos, sin = ops.rope_cos_sin(T, D)
+    doc_ids = torch.repeat_interleave(torch.tensor([[0, 1, 2], [0, 1, 2]]), torch.tensor([40, 70, 40]), dim=1)
+    ops.rope_attention(q, k, v, cos, sin)
+    ops.rope_attention(q, k, v, cos, sin, doc_ids=doc_ids)
+    ops.rope_attention(q, k, v, cos, sin, doc_ids=doc_ids + 5)  # other stories, same key
+    plain, masked = sel.records()
+    assert "docs=False" in plain["shape"] and "docs=True" in masked["shape"]
+    assert plain["key"] != masked["key"] and len(calls) == 4  # two keys, two candidates each
+    assert timed_masks[0] is None
+    torch.testing.assert_close(timed_masks[1], attention.bench_doc_ids(B, T))
+
+
+@pytest.mark.parametrize("batch, length", [(1, 1), (3, 127), (5, 1000)])
+def test_bench_doc_ids_are_packed_stories(batch, length):
+    from tsfast.ops import attention
+
+    ids = attention.bench_doc_ids(batch, length)
+    assert ids.shape == (batch, length) and ids.dtype == torch.int64
+    assert bool((ids[:, 1:] >= ids[:, :-1]).all())  # what the op's validation asks
+    for row in ids:
+        _, counts = torch.unique_consecutive(row, return_counts=True)
+        assert int(counts.max()) <= attention.BENCH_DOC_TOKENS
+        if length >= 2 * attention.BENCH_DOC_TOKENS:  # whole stories between the row's ends
+            assert set(counts[1:-1].tolist()) == {attention.BENCH_DOC_TOKENS}
+    if batch > 1 and length > attention.BENCH_DOC_TOKENS:  # rows start inside different stories
+        firsts = [int((row == row[0]).sum()) for row in ids]
+        assert len(set(firsts)) == batch

@@ -18,7 +18,7 @@ from tsfast.ops import _backend, selection
 from tsfast.train.loop import train
 
 
-def _run_with_selection(monkeypatch, corpus, out, ms):  # noqa: F811
+def _run_with_selection(monkeypatch, corpus, out, ms, **changes):  # noqa: F811
     calls = []
 
     def timer(fn):
@@ -28,7 +28,8 @@ def _run_with_selection(monkeypatch, corpus, out, ms):  # noqa: F811
 
     monkeypatch.setattr(selection, "_current", selection.Selector(timer=timer, cache_dir=None))
     monkeypatch.setattr(_backend, "measures", lambda device: True)
-    result = train(small_config(corpus, out, kernels="auto", max_iters=2, eval_interval=2, seed=3, dropout=0.1))
+    result = train(small_config(corpus, out, kernels="auto", max_iters=2, eval_interval=2, seed=3, dropout=0.1,
+                                **changes))
     return result, calls
 
 
@@ -125,3 +126,27 @@ def test_only_auto_on_cuda_measures(backend, device, measured, monkeypatch):
     assert _backend.measures(torch.device(device)) == measured
     monkeypatch.setattr(_backend, "triton_missing", lambda: "Triton does not import")
     assert not _backend.measures(torch.device(device))  # do_bench comes with Triton
+
+
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_warm_up_masks_documents_when_the_run_does(doc_mask, corpus, tmp_path, monkeypatch):  # noqa: F811
+    """Under --doc_mask true the warm-up's attention calls carry bench_doc_ids, so the masked
+    calls the steps make are measured before the first step, as the unmasked ones are."""
+    from tsfast import ops
+    from tsfast.ops.attention import bench_doc_ids
+    from tsfast.train import kernel_choice
+
+    seen, warm_ups = [], []
+    real_attention, real_warm_up = ops.rope_attention, kernel_choice.warm_up
+    monkeypatch.setattr(ops, "rope_attention", lambda *a, **kw: seen.append(kw["doc_ids"]) or real_attention(*a, **kw))
+    monkeypatch.setattr(kernel_choice, "warm_up", lambda *a: warm_ups.append(len(seen)) or real_warm_up(*a))
+    result, _ = _run_with_selection(monkeypatch, corpus, tmp_path, {1: 1.0, 0: 2.0}, doc_mask=doc_mask)
+    assert result.exit_code == 0 and warm_ups == [0]
+    cfg = small_config(corpus, tmp_path)
+    warm = seen[:2 * cfg.n_layer]  # the warm-up: a training and an evaluation forward
+    if doc_mask:
+        want = bench_doc_ids(cfg.batch_size, cfg.block_size)
+        assert all(torch.equal(d, want) for d in warm)
+        assert all(d is not None for d in seen[2 * cfg.n_layer:])  # the steps are masked too
+    else:
+        assert all(d is None for d in seen)

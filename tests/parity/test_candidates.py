@@ -30,8 +30,9 @@ ORACLES = {
 
 # (family, a call of it: its `fields`, the last being grad=True)
 CALLS = [
-    (attention.FAMILY, (2, 3, 17, 17, 16, True, True, None, True)),
-    (attention.FAMILY, (1, 2, 100, 100, 32, False, False, None, True)),
+    (attention.FAMILY, (2, 3, 17, 17, 16, True, True, False, None, True)),
+    (attention.FAMILY, (1, 2, 100, 100, 32, False, False, False, None, True)),
+    (attention.FAMILY, (2, 2, 301, 301, 16, True, True, True, None, True)),  # stories of bench_doc_ids
     (layernorm.LAYERNORM_LINEAR, (17, 96, 288, "gelu_tanh", True, True, None, True)),
     (layernorm.LAYERNORM_LINEAR, (100, 96, 96, None, False, False, None, True)),
     (layernorm.LAYER_NORM, (257, 96, True, None, True)),

@@ -116,8 +116,9 @@ def gpu_tests(rows: Rows, work: Path) -> None:
 
 
 def selection(rows: Rows, work: Path) -> None:
-    """The choices --kernels auto makes for a training run of each GPU preset, measured now
-    (a fresh selector: the on-disk cache is neither read nor written)."""
+    """The choices --kernels auto makes for a training run of each GPU preset, without and
+    with --doc_mask, measured now (a fresh selector: the on-disk cache is neither read nor
+    written)."""
     import torch
 
     from tsfast import ops
@@ -133,8 +134,9 @@ def selection(rows: Rows, work: Path) -> None:
         selector = sel.Selector(cache_dir=None)
         sel.set_current(selector)
         model = GPT(cfg.model_config(50257)).to(device)
-        with ops.use("auto"):
-            kernel_choice.warm_up(model, cfg.batch_size, cfg.block_size, device, dtype)
+        with ops.use("auto"):  # then with document masking: only its attention keys are new
+            for doc_mask in (False, True):
+                kernel_choice.warm_up(model, cfg.batch_size, cfg.block_size, device, dtype, doc_mask)
         for record in selector.records():
             rows.add(kind="selection", preset=name, **record)
         del model

@@ -270,16 +270,32 @@ def kernel_declines(q, k, *, dropout_p: float) -> str | None:
 # backend is what --kernels triton / torch run.
 
 
+# Masked calls are timed on stories of this many tokens: the synthetic corpus's stories
+# average 131 (39,200 in its train split). The key records only that a mask is given, not
+# its documents' lengths, which are data (torch.compile traces the choice as a constant).
+BENCH_DOC_TOKENS = 128
+
+
+def bench_doc_ids(batch: int, length: int, device=None) -> torch.Tensor:
+    """(batch, length) int64 doc_ids of BENCH_DOC_TOKENS-token stories packed in each row,
+    every row starting at a different point of a story, as packed training rows do (so the
+    boundaries fall inside the kernel's blocks, not on their edges)."""
+    offsets = torch.arange(batch, device=device)[:, None] * 37 % BENCH_DOC_TOKENS  # (B, 1)
+    return (torch.arange(length, device=device)[None, :] + offsets) // BENCH_DOC_TOKENS  # (B, T)
+
+
 def _bench_inputs(call, device):
     """Random inputs of a call's shape: q, k, v as views of one fused projection (the model's
-    layout), with the kernel's cos/sin tables when the call has them."""
-    B, H, Tq, Tk, D, causal, rope, dtype, grad = call
+    layout), with the kernel's cos/sin tables when the call has them, and `bench_doc_ids`
+    when it has a document mask."""
+    B, H, Tq, Tk, D, causal, rope, docs, dtype, grad = call
     g = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(B, Tk, 3, H, D, generator=g, device=device).to(getattr(torch, dtype))
     q, k, v = (t.detach().requires_grad_(grad) for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
     q = q[:, :, Tk - Tq:].detach().requires_grad_(grad)
     cos, sin = rope_cos_sin(Tk, D, device=device) if rope else (None, None)
-    return (q, k, v, cos, sin, None, causal, None, 0.0), ([q, k, v] if grad else [])
+    doc_ids = bench_doc_ids(B, Tk, device) if docs else None
+    return (q, k, v, cos, sin, doc_ids, causal, None, 0.0), ([q, k, v] if grad else [])
 
 
 FAMILY = Family(
@@ -288,7 +304,7 @@ FAMILY = Family(
         Candidate("triton", "triton", _triton_path),
         Candidate("torch", "torch", _torch_path),  # rotary, then F.scaled_dot_product_attention
     ),
-    fields=("B", "H", "Tq", "Tk", "D", "causal", "rope", "dtype", "grad"),
+    fields=("B", "H", "Tq", "Tk", "D", "causal", "rope", "docs", "dtype", "grad"),
     bucketed=("B", "Tq", "Tk"),
     bench_inputs=_bench_inputs,
 )
@@ -304,7 +320,8 @@ def rope_attention(q, k, v, cos=None, sin=None, *, causal=True, scale=None, drop
     doc_ids: (B, Tk) non-decreasing ints or None. Returns (B, H, Tq, D) in q's dtype."""
     _validate(q, k, v, cos, sin, dropout_p, doc_ids)
     B, H, Tq, D = q.shape
-    call = (B, H, Tq, k.shape[2], D, bool(causal), cos is not None, dtype_name(q.dtype), wants_grad(q, k, v))
+    call = (B, H, Tq, k.shape[2], D, bool(causal), cos is not None, doc_ids is not None, dtype_name(q.dtype),
+            wants_grad(q, k, v))
     declined = kernel_declines(q, k, dropout_p=dropout_p)
 
     def cost():

@@ -338,7 +338,7 @@ class Trainer:
         """--kernels auto on CUDA: measure the candidates of every op before the first step
         (tsfast/train/kernel_choice.py), and log the choices."""
         records = kernel_choice.select(self.model, self.cfg.batch_size, self.cfg.block_size,
-                                       self.device, self.dtype, self.dist)
+                                       self.device, self.dtype, self.dist, self.cfg.doc_mask)
         if records is not None:
             self.logged_choices = 0
             self.log_new_choices()
