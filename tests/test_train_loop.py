@@ -198,3 +198,19 @@ def test_kernels_choice_holds_for_the_run_only(corpus, tmp_path, monkeypatch):  
         train(small_config(corpus, tmp_path, max_iters=1, eval_interval=1, kernels="torch"))
         assert ops.get_backend() == "auto"
     assert seen and set(seen) == {"torch"}
+
+
+@pytest.mark.parametrize("name", ["tiny", "baby_cpu", "gpt2"])
+@pytest.mark.parametrize("bias, pos", [(True, "rope"), (False, "rope"), (False, "learned")])
+def test_memory_estimate_counts_the_models_parameters(name, bias, pos):
+    """The weights + gradients + AdamW part of the estimate check_memory refuses runs with:
+    16 bytes for each parameter the model has (meta tensors: nothing is allocated)."""
+    import dataclasses
+
+    from tsfast.train import runtime
+
+    cfg = dataclasses.replace(preset(name), bias=bias, pos=pos)
+    with torch.device("meta"):
+        model = GPT(cfg.model_config(50257))
+    _, state, _ = runtime.memory_estimate(cfg)
+    assert state == 16 * sum(p.numel() for p in model.parameters())
