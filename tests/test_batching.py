@@ -12,10 +12,12 @@ import time
 
 import pytest
 import torch
-from test_generate import BLOCK, assert_same_or_tie, one_thread, random_model, window_logits  # noqa: F401
+from test_generate import BLOCK, assert_same_or_tie, random_model, window_logits
 
 from tsfast.batching import BatchDecoder, BatchServer, Request, generate_many
 from tsfast.generate import generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def single(model, r: Request) -> list[int]:

@@ -20,6 +20,8 @@ from gradio_client import Client
 from train_helpers import save_edited
 from trained_checkpoint import REPO, trained_ckpt  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 GOOD = {"max_new_tokens": 20, "temperature": 0.8, "top_k": 200, "top_p": 1.0, "seed": 7}
 
 
@@ -30,14 +32,6 @@ def demo_mod():
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def free_port() -> int:

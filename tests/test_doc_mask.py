@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from train_helpers import corpus, one_thread, save_edited, small_args, small_config  # noqa: F401
+from train_helpers import save_edited, small_args, small_config
 
 from tsfast.config import MODEL_FIELDS, ConfigError, apply_overrides, preset
 from tsfast.data.loader import BatchSampler, TokenData, doc_ids_from_eot
@@ -17,6 +17,8 @@ from tsfast.model import GPT
 from tsfast.train import checkpoint as ckpt_io
 from tsfast.train.cli import main, parse
 from tsfast.train.loop import Trainer, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _doc_ids_by_loop(windows: np.ndarray, eot: int) -> np.ndarray:
@@ -59,7 +61,7 @@ def test_doc_ids_from_eot_matches_a_plain_loop(shape):
     assert (np.diff(ids, axis=1) >= 0).all()
 
 
-def test_sampler_batch_gives_doc_ids_of_x(corpus):  # noqa: F811
+def test_sampler_batch_gives_doc_ids_of_x(corpus):
     data = TokenData(corpus)
     batch, block = random.randrange(1, 9), random.choice([1, 17, 100, 257])
     seed, step = random.randrange(2**31), random.randrange(10**6)
@@ -73,7 +75,7 @@ def test_sampler_batch_gives_doc_ids_of_x(corpus):  # noqa: F811
     assert np.array_equal(docs.numpy(), _doc_ids_by_loop(x.numpy(), EOT))
 
 
-def test_sampler_doc_ids_read_the_eot_before_the_compact_map(corpus):  # noqa: F811
+def test_sampler_doc_ids_read_the_eot_before_the_compact_map(corpus):
     data = TokenData(corpus)
     vocab = CompactVocab.from_prepared(corpus)
     assert vocab.eot_id != EOT
@@ -148,7 +150,7 @@ class _Spy:
 
 
 @pytest.mark.parametrize("doc_mask", [True, False])
-def test_tiny_run_trains_and_evaluates_with_its_setting(corpus, tmp_path, monkeypatch, doc_mask):  # noqa: F811
+def test_tiny_run_trains_and_evaluates_with_its_setting(corpus, tmp_path, monkeypatch, doc_mask):
     spy = _Spy(monkeypatch)
     cfg = small_config(corpus, tmp_path, doc_mask=doc_mask, max_iters=60, eval_interval=60,
                        batch_size=8, lr=1e-2, warmup_iters=5, log_interval=10)
@@ -168,7 +170,7 @@ def test_tiny_run_trains_and_evaluates_with_its_setting(corpus, tmp_path, monkey
     assert ckpt_io.load_for_inference(tmp_path / "ckpt.pt", device="cpu").doc_mask is doc_mask
 
 
-def test_evaluation_uses_the_training_setting(corpus, tmp_path):  # noqa: F811
+def test_evaluation_uses_the_training_setting(corpus, tmp_path):
     cfg = small_config(corpus, tmp_path, doc_mask=True, block_size=64)
     trainer = Trainer(cfg)
     try:
@@ -192,13 +194,13 @@ def test_evaluation_uses_the_training_setting(corpus, tmp_path):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def masked_out(corpus, tmp_path_factory):  # noqa: F811
+def masked_out(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("masked")
     train(small_config(corpus, out, doc_mask=True, max_iters=2, eval_interval=2))
     return out
 
 
-def test_resume_keeps_doc_mask_and_refuses_another(corpus, masked_out, capsys):  # noqa: F811
+def test_resume_keeps_doc_mask_and_refuses_another(corpus, masked_out, capsys):
     cfg, resume, _ = parse(["--resume", "--out_dir", str(masked_out)])
     assert cfg.doc_mask is True and resume["train_config"]["doc_mask"] is True
     assert main(small_args(corpus, masked_out, doc_mask=False) + ["--resume"]) == 2
@@ -206,7 +208,7 @@ def test_resume_keeps_doc_mask_and_refuses_another(corpus, masked_out, capsys): 
     assert "doc_mask=True in the checkpoint, False asked" in err and "--doc_mask true" in err
 
 
-def test_checkpoints_without_doc_mask_read_as_false(corpus, masked_out, tmp_path):  # noqa: F811
+def test_checkpoints_without_doc_mask_read_as_false(corpus, masked_out, tmp_path):
     for name in ("ckpt.pt", "resume.pt"):
         ckpt = torch.load(masked_out / name, weights_only=True)
         old = {k: v for k, v in ckpt["train_config"].items() if k != "doc_mask"}

@@ -24,17 +24,9 @@ from tsfast.generate import (
 )
 from tsfast.model import GPT
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 BLOCK = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is ~20x faster than two
-    (measured here: 5.6 ms vs 107 ms a forward under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(pos: str = "rope", vocab_size: int = 384, block_size: int = BLOCK, std: float = 0.3) -> GPT:

@@ -13,7 +13,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 from hf_helpers import gpt2_dir, max_logit_diff, random_ids  # noqa: F401
-from train_helpers import REPO, child_env, corpus, one_thread, small_config  # noqa: F401
+from train_helpers import REPO, child_env, small_config
 from transformers import GPT2LMHeadModel
 
 from tsfast import export as export_cli
@@ -21,6 +21,8 @@ from tsfast.hf.load import load_model
 from tsfast.train import cli
 from tsfast.train.checkpoint import CheckpointError
 from tsfast.train.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def one_line_error(spec, match: str) -> str:
@@ -152,7 +154,7 @@ def test_a_failed_download_is_one_line(monkeypatch):
     assert "network" in message
 
 
-def test_push_to_hub_uploads_the_export(corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_push_to_hub_uploads_the_export(corpus, tmp_path, monkeypatch, capsys):
     train(small_config(corpus, tmp_path, vocab="gpt2", pos="learned", max_iters=1, eval_interval=1))
     hub = FakeHub()
     monkeypatch.setattr(huggingface_hub, "HfApi", hub.api())
@@ -178,7 +180,7 @@ def test_push_to_hub_uploads_the_export(corpus, tmp_path, monkeypatch, capsys): 
 # ----------------------------------------------------------------------------- refusals
 
 
-def test_compact_vocabulary_checkpoint_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+def test_compact_vocabulary_checkpoint_is_refused(corpus, tmp_path, capsys):
     train(small_config(corpus, tmp_path, max_iters=1, eval_interval=1))  # tiny: compact vocabulary
     out = tmp_path / "export"
     assert export_cli.main([str(tmp_path / "ckpt.pt"), "--out", str(out)]) == 1

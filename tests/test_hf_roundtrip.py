@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from hf_helpers import HELD_OUT, SHAPE, gpt2_dir, greedy_both, max_logit_diff, random_ids  # noqa: F401
-from train_helpers import REPO, corpus, one_thread, small_config  # noqa: F401
+from train_helpers import REPO, small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, GPTNeoXForCausalLM
 
 from tsfast import ops
@@ -25,10 +25,12 @@ from tsfast.train import checkpoint as ckpt_io
 from tsfast.train.cli import parse
 from tsfast.train.loop import Trainer, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 ATOL = 1e-5
 
 
-def init_args(corpus, out, init_from, *extra):  # noqa: F811
+def init_args(corpus, out, init_from, *extra):
     return [
         "--config", "tiny", "--init_from", str(init_from), "--data", str(corpus), "--out_dir", str(out),
         "--block_size", "32", "--batch_size", "4", "--max_iters", "3", "--warmup_iters", "1",
@@ -79,7 +81,7 @@ def test_init_from_gpt2_train_export_round_trip(corpus, gpt2_dir, tmp_path):  # 
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_rotary_model_exports_as_gpt_neox(corpus, tmp_path, bias):  # noqa: F811
+def test_rotary_model_exports_as_gpt_neox(corpus, tmp_path, bias):
     cfg = small_config(corpus, tmp_path, vocab="gpt2", pos="rope", n_layer=2, n_head=2, bias=bias,
                        max_iters=2, eval_interval=2)
     train(cfg)
@@ -127,7 +129,7 @@ def test_rotary_model_exports_as_gpt_neox(corpus, tmp_path, bias):  # noqa: F811
                 trainer.close()
 
 
-def test_exported_tokenizer_gives_tiktoken_ids(corpus, tmp_path):  # noqa: F811
+def test_exported_tokenizer_gives_tiktoken_ids(corpus, tmp_path):
     from tsfast.hf.tokenizer import save_gpt2_tokenizer
 
     save_gpt2_tokenizer(tmp_path, model_max_length=1024)
@@ -153,7 +155,7 @@ def _script(name: str):
     return mod
 
 
-def test_sample_and_demo_run_an_export_like_the_checkpoint(corpus, tmp_path, capsys):  # noqa: F811
+def test_sample_and_demo_run_an_export_like_the_checkpoint(corpus, tmp_path, capsys):
     train(small_config(corpus, tmp_path, vocab="gpt2", pos="learned", max_iters=2, eval_interval=2))
     out = export(tmp_path / "ckpt.pt", tmp_path / "export")
     sample = _script("sample")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import corpus, small_args, small_config  # noqa: F401
+from train_helpers import small_args, small_config
 
 from tsfast.train import cli, runtime
 from tsfast.train.loop import train
@@ -76,14 +76,14 @@ def test_gpus_hidden_on_purpose_or_absent_say_nothing(gpu_here, monkeypatch, hid
     assert runtime.auto_device_warning("auto", torch.device("cpu")) is None
 
 
-def test_device_cuda_is_an_error_with_the_fix(gpu_here, corpus, tmp_path, capsys):  # noqa: F811
+def test_device_cuda_is_an_error_with_the_fix(gpu_here, corpus, tmp_path, capsys):
     code = cli.main(small_args(corpus, tmp_path / "out", device="cuda"))
     err = capsys.readouterr().err
     assert code == 2 and "--device cuda" in err and "580 or newer" in err and "CUDA 12.x" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_device_auto_warns_then_trains_on_the_cpu(gpu_here, corpus, tmp_path, capsys):  # noqa: F811
+def test_device_auto_warns_then_trains_on_the_cpu(gpu_here, corpus, tmp_path, capsys):
     assert "cannot be used by this PyTorch" in " ".join(cli.parse([])[2])
     result = train(small_config(corpus, tmp_path, device="auto", max_iters=1, eval_interval=1))
     err = capsys.readouterr().err

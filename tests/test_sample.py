@@ -13,6 +13,8 @@ import pytest
 import torch
 from trained_checkpoint import REPO, quiet_env, trained_ckpt  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 RATE_LINE = re.compile(r"^(\d+) sample\(s\), (\d+) tokens in [\d.]+ s: ([\d.]+) tokens/s "
                        r"\((KV cache, batch \d+|no KV cache, one at a time), cpu\)$")
 
@@ -23,14 +25,6 @@ def sample_mod():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_main(mod, capsys, *args: str) -> tuple[int, str, str]:

@@ -12,13 +12,13 @@ import sys
 
 import pytest
 import torch
-from train_helpers import child_env, corpus, read_metrics, small_config  # noqa: F401
+from train_helpers import child_env, read_metrics, small_config
 
 from tsfast.ops import _backend, selection
 from tsfast.train.loop import train
 
 
-def _run_with_selection(monkeypatch, corpus, out, ms, **changes):  # noqa: F811
+def _run_with_selection(monkeypatch, corpus, out, ms, **changes):
     calls = []
 
     def timer(fn):
@@ -38,7 +38,7 @@ def _params(out):
 
 
 def test_choices_are_made_before_the_first_step_logged_and_change_no_random_number(
-        corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
+        corpus, tmp_path, monkeypatch, capsys):
     # The default candidate (the chunked torch loss) measured fastest: the run takes the same
     # paths as a run with nothing measured, so the weights must match it bit for bit.
     result, calls = _run_with_selection(monkeypatch, corpus, tmp_path / "sel", {1: 1.0, 0: 2.0})
@@ -57,7 +57,7 @@ def test_choices_are_made_before_the_first_step_logged_and_change_no_random_numb
         assert torch.equal(a, b), name
 
 
-def test_the_measured_choice_runs_in_training(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_the_measured_choice_runs_in_training(corpus, tmp_path, monkeypatch):
     from tsfast.ops import losses
 
     ran = []  # the full-logits candidate is the only caller of the torch cross-entropy here
@@ -129,7 +129,7 @@ def test_only_auto_on_cuda_measures(backend, device, measured, monkeypatch):
 
 
 @pytest.mark.parametrize("doc_mask", [False, True])
-def test_warm_up_masks_documents_when_the_run_does(doc_mask, corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_warm_up_masks_documents_when_the_run_does(doc_mask, corpus, tmp_path, monkeypatch):
     """Under --doc_mask true the warm-up's attention calls carry bench_doc_ids, so the masked
     calls the steps make are measured before the first step, as the unmasked ones are."""
     from tsfast import ops

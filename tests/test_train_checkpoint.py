@@ -7,10 +7,12 @@ import types
 
 import pytest
 import torch
-from train_helpers import corpus, one_thread, save_edited, small_config  # noqa: F401
+from train_helpers import save_edited, small_config
 
 from tsfast.train import checkpoint as ckpt_io
 from tsfast.train.loop import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 PAYLOAD = 4_000_000  # floats: 16 MB, so a save takes a while
 
@@ -71,7 +73,7 @@ def test_kill_at_a_random_moment_leaves_a_whole_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ckpt_path(corpus, tmp_path_factory):  # noqa: F811
+def ckpt_path(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     train(small_config(corpus, out, max_iters=2, eval_interval=2))
     return out / "ckpt.pt"

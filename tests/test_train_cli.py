@@ -8,11 +8,9 @@ import types
 
 import pytest
 import torch
-from train_helpers import (  # noqa: F401
+from train_helpers import (
     TRAIN_PY,
     child_env,
-    corpus,
-    one_thread,
     read_metrics,
     small_args,
     small_config,
@@ -22,9 +20,11 @@ from train_helpers import (  # noqa: F401
 from tsfast.train.cli import main, parse
 from tsfast.train.loop import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 @pytest.fixture
-def trained_out(corpus, tmp_path):  # noqa: F811
+def trained_out(corpus, tmp_path):
     """An output dir holding ckpt.pt, resume.pt and metrics.jsonl from a 2-step run."""
     out = tmp_path / "out"
     train(small_config(corpus, out, max_iters=2, eval_interval=2))
@@ -83,38 +83,38 @@ def _bad_run(argv, trained_out, capsys) -> str:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_missing_device(corpus, trained_out, capsys):  # noqa: F811
+def test_missing_device(corpus, trained_out, capsys):
     err = _bad_run(small_args(corpus, trained_out, device="cuda"), trained_out, capsys)
     assert "no CUDA GPU is visible" in err and "--device cpu" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_kernels_triton_where_triton_cannot_run(corpus, trained_out, capsys, monkeypatch):  # noqa: F811
+def test_kernels_triton_where_triton_cannot_run(corpus, trained_out, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     err = _bad_run(small_args(corpus, trained_out, kernels="triton"), trained_out, capsys)
     assert "--kernels triton" in err and "CUDA GPU" in err and "--kernels auto or torch" in err
 
 
-def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):  # noqa: F811
+def test_resume_without_a_checkpoint(corpus, tmp_path, capsys):
     assert main(small_args(corpus, tmp_path / "empty") + ["--resume"]) == 2
     err = capsys.readouterr().err
     assert "no resume checkpoint at" in err and "resume.pt" in err
     assert not (tmp_path / "empty").exists()
 
 
-def test_resume_from_a_corrupt_checkpoint(corpus, trained_out, capsys):  # noqa: F811
+def test_resume_from_a_corrupt_checkpoint(corpus, trained_out, capsys):
     resume = trained_out / "resume.pt"
     resume.write_bytes(resume.read_bytes()[: resume.stat().st_size // 2])
     err = _bad_run(small_args(corpus, trained_out) + ["--resume"], trained_out, capsys)
     assert "not a readable checkpoint" in err and str(resume) in err
 
 
-def test_resume_from_ckpt_pt_says_to_use_resume_pt(corpus, trained_out, capsys):  # noqa: F811
+def test_resume_from_ckpt_pt_says_to_use_resume_pt(corpus, trained_out, capsys):
     err = _bad_run(small_args(corpus, trained_out) + ["--resume", str(trained_out / "ckpt.pt")], trained_out, capsys)
     assert "lacks optimizer" in err and "resume.pt" in err
 
 
-def test_resume_a_checkpoint_of_another_architecture(corpus, trained_out, capsys):  # noqa: F811
+def test_resume_a_checkpoint_of_another_architecture(corpus, trained_out, capsys):
     err = _bad_run(small_args(corpus, trained_out, n_embd=64) + ["--resume"], trained_out, capsys)
     assert "another architecture" in err and "n_embd=32 in the checkpoint, 64 asked" in err
 
@@ -124,7 +124,7 @@ def test_missing_data_dir(tmp_path, trained_out, capsys):
     assert "nowhere" in err and "prepare" in err
 
 
-def test_resume_continues_with_the_checkpoint_config(corpus, trained_out, capsys):  # noqa: F811
+def test_resume_continues_with_the_checkpoint_config(corpus, trained_out, capsys):
     """--resume without --config takes the saved config; new flags (max_iters) apply."""
     assert main(["--resume", "--out_dir", str(trained_out), "--max_iters", "3"]) == 0
     out = capsys.readouterr().out
@@ -150,7 +150,7 @@ def _one_line_error(capsys, code: int, argv: list[str], prefix: str = "train.py:
     return err
 
 
-def test_resume_from_a_damaged_checkpoint(corpus, trained_out, capsys):  # noqa: F811
+def test_resume_from_a_damaged_checkpoint(corpus, trained_out, capsys):
     from test_train_checkpoint import damage_tensor_bytes
 
     resume = trained_out / "resume.pt"
@@ -161,7 +161,7 @@ def test_resume_from_a_damaged_checkpoint(corpus, trained_out, capsys):  # noqa:
     assert snapshot(trained_out) == before
 
 
-def test_resume_with_an_optimizer_state_of_other_shapes(corpus, trained_out, capsys):  # noqa: F811
+def test_resume_with_an_optimizer_state_of_other_shapes(corpus, trained_out, capsys):
     from train_helpers import save_edited
 
     resume = trained_out / "resume.pt"
@@ -181,7 +181,7 @@ def test_resume_with_an_optimizer_state_of_other_shapes(corpus, trained_out, cap
     (["--batch_size", "1e12"], "this run needs at least 991.36 PiB of memory"),
     (["--n_embd", "1048576"], "this run needs at least 384.90 TiB of memory"),
 ])
-def test_bad_numbers_are_refused_before_any_work(corpus, tmp_path, capsys, argv, words):  # noqa: F811
+def test_bad_numbers_are_refused_before_any_work(corpus, tmp_path, capsys, argv, words):
     out = tmp_path / "out"
     args = ["--config", "tiny", "--data", str(corpus), "--device", "cpu", "--out_dir", str(out)]
     err = _one_line_error(capsys, 2, args + argv)
@@ -189,7 +189,7 @@ def test_bad_numbers_are_refused_before_any_work(corpus, tmp_path, capsys, argv,
     assert not out.exists()
 
 
-def test_out_dir_that_is_a_file_or_under_one(corpus, tmp_path, capsys):  # noqa: F811
+def test_out_dir_that_is_a_file_or_under_one(corpus, tmp_path, capsys):
     file = tmp_path / "file"
     file.write_text("keep me")
     err = _one_line_error(capsys, 2, small_args(corpus, file))
@@ -199,7 +199,7 @@ def test_out_dir_that_is_a_file_or_under_one(corpus, tmp_path, capsys):  # noqa:
     assert file.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_out_dir_that_cannot_be_written(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_out_dir_that_cannot_be_written(corpus, tmp_path, capsys, monkeypatch):
     from tsfast.train import outdir
 
     out = tmp_path / "out"
@@ -217,7 +217,7 @@ def test_out_dir_that_cannot_be_written(corpus, tmp_path, capsys, monkeypatch): 
     assert list(out.iterdir()) == []
 
 
-def test_a_second_run_into_the_same_out_dir_fails_at_once(corpus, tmp_path, capsys):  # noqa: F811
+def test_a_second_run_into_the_same_out_dir_fails_at_once(corpus, tmp_path, capsys):
     """The lock names its holder; a holder killed with SIGKILL leaves no lock behind."""
     out = tmp_path / "out"
     out.mkdir()
@@ -237,7 +237,7 @@ def test_a_second_run_into_the_same_out_dir_fails_at_once(corpus, tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]
 
 
-def test_temporaries_of_killed_runs_are_removed_at_start(corpus, tmp_path):  # noqa: F811
+def test_temporaries_of_killed_runs_are_removed_at_start(corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -268,7 +268,7 @@ def _fail_on_save(monkeypatch, number: int, error: BaseException) -> None:
     (PermissionError(13, "Permission denied"), "Permission denied"),
     (RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 6528 vs 6416"), "unexpected pos"),
 ])
-def test_a_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsys, monkeypatch, error, reason):  # noqa: F811
+def test_a_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsys, monkeypatch, error, reason):
     out = tmp_path / "out"
     _fail_on_save(monkeypatch, 3, error)  # ckpt.pt and resume.pt at step 1, then ckpt.pt at step 2
     err = _one_line_error(capsys, 3, small_args(corpus, out, max_iters=4, eval_interval=1))
@@ -282,7 +282,7 @@ def test_a_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsys, mon
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_out_dir_made_read_only_mid_run(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_out_dir_made_read_only_mid_run(corpus, tmp_path, capsys, monkeypatch):
     from tsfast.train import checkpoint as ckpt_io
 
     out, real = tmp_path / "out", ckpt_io.save_atomic
@@ -300,7 +300,7 @@ def test_out_dir_made_read_only_mid_run(corpus, tmp_path, capsys, monkeypatch): 
     assert "Permission denied" in err and ckpt_io.read_checkpoint(out / "resume.pt", resume=True)["step"] == 1
 
 
-def test_free_disk_is_checked_before_each_save(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_free_disk_is_checked_before_each_save(corpus, tmp_path, capsys, monkeypatch):
     from tsfast.train import outdir
 
     out, calls = tmp_path / "out", []
@@ -316,7 +316,7 @@ def test_free_disk_is_checked_before_each_save(corpus, tmp_path, capsys, monkeyp
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "metrics.jsonl", "resume.pt"]
 
 
-def test_metrics_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_metrics_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsys, monkeypatch):
     from tsfast.train.logs import RunLog
 
     real_open = RunLog.open
@@ -345,7 +345,7 @@ def test_metrics_write_failing_mid_run_stops_with_exit_3(corpus, tmp_path, capsy
     assert read_metrics(out)[-1]["step"] == 2
 
 
-def test_a_second_signal_exits_at_once_with_its_own_code(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_second_signal_exits_at_once_with_its_own_code(corpus, tmp_path, capsys, monkeypatch):
     from tsfast.model import GPT
 
     real, calls = GPT.forward, []
@@ -386,7 +386,7 @@ class _Head:
             raise BrokenPipeError(32, "Broken pipe")
 
 
-def test_stdout_closed_by_its_reader_stops_like_sigpipe(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_stdout_closed_by_its_reader_stops_like_sigpipe(corpus, tmp_path, capsys, monkeypatch):
     """train.py | head -3: the run stops at the step boundary, writes resume.pt and exits 141
     without a word (it used to die in the logger with a traceback and no checkpoint)."""
     head = _Head(3)
@@ -402,7 +402,7 @@ def test_stdout_closed_by_its_reader_stops_like_sigpipe(corpus, tmp_path, capsys
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_a_signal_during_start_up_exits_128_plus_n(corpus, tmp_path, capsys, monkeypatch, signum):  # noqa: F811
+def test_a_signal_during_start_up_exits_128_plus_n(corpus, tmp_path, capsys, monkeypatch, signum):
     from tsfast.train import data as data_mod
 
     real = data_mod.open_corpus
@@ -419,7 +419,7 @@ def test_a_signal_during_start_up_exits_128_plus_n(corpus, tmp_path, capsys, mon
     assert not out.exists() and signal.getsignal(signum) == handler  # the handlers are restored
 
 
-def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(corpus, tmp_path, capsys, monkeypatch):
     import errno
 
     from tsfast.train import outdir

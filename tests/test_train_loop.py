@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from train_helpers import corpus, one_thread, read_metrics, small_args, small_config  # noqa: F401
+from train_helpers import read_metrics, small_args, small_config
 
 from tsfast.config import preset
 from tsfast.model import GPT
@@ -17,8 +17,10 @@ from tsfast.train.cli import main
 from tsfast.train.loop import train
 from tsfast.train.schedule import lr_at
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-def test_a_few_steps_of_tiny_lower_the_loss(corpus, tmp_path):  # noqa: F811
+
+def test_a_few_steps_of_tiny_lower_the_loss(corpus, tmp_path):
     cfg = small_config(corpus, tmp_path, max_iters=60, eval_interval=60, batch_size=8, lr=1e-2, warmup_iters=5)
     result = train(cfg)
     losses = [r["loss"] for r in read_metrics(tmp_path)]
@@ -34,7 +36,7 @@ def test_a_few_steps_of_tiny_lower_the_loss(corpus, tmp_path):  # noqa: F811
     assert loaded.val_loss == pytest.approx(ev["val_loss"])
 
 
-def test_log_records_hold_the_throughput_numbers(corpus, tmp_path, capsys):  # noqa: F811
+def test_log_records_hold_the_throughput_numbers(corpus, tmp_path, capsys):
     train(small_config(corpus, tmp_path, max_iters=4, log_interval=2, eval_interval=4))
     recs = read_metrics(tmp_path)
     assert [r["step"] for r in recs] == [2, 4]
@@ -56,7 +58,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[-1] == pytest.approx(cfg.min_lr)
 
 
-def test_evaluation_never_touches_the_training_stream(corpus, tmp_path):  # noqa: F811
+def test_evaluation_never_touches_the_training_stream(corpus, tmp_path):
     """Training losses are identical whether evaluation runs every step or only at the end."""
     kw = dict(max_iters=6, dropout=0.1, eval_iters=3)
     train(small_config(corpus, tmp_path / "often", eval_interval=1, **kw))
@@ -66,7 +68,7 @@ def test_evaluation_never_touches_the_training_stream(corpus, tmp_path):  # noqa
     assert len(read_metrics(tmp_path / "often", "eval")) == 6 and len(read_metrics(tmp_path / "rarely", "eval")) == 1
 
 
-def test_resume_continues_exactly(corpus, tmp_path):  # noqa: F811
+def test_resume_continues_exactly(corpus, tmp_path):
     """N steps straight == N/2 steps, resume, N/2 steps: bitwise equal losses and weights
     (fp32 CPU, with dropout and gradient accumulation, so RNG and optimizer state matter)."""
     kw = dict(max_iters=8, eval_interval=3, dropout=0.1, grad_accum=2)
@@ -84,7 +86,7 @@ def test_resume_continues_exactly(corpus, tmp_path):  # noqa: F811
         assert torch.equal(a["model"][name], b["model"][name]), name
 
 
-def test_resume_checkpoint_holds_everything(corpus, tmp_path):  # noqa: F811
+def test_resume_checkpoint_holds_everything(corpus, tmp_path):
     train(small_config(corpus, tmp_path, max_iters=3))
     r = torch.load(tmp_path / "resume.pt", weights_only=True)
     for key in ("model", "model_config", "train_config", "vocab", "step", "best_val_loss", "val_loss",
@@ -95,7 +97,7 @@ def test_resume_checkpoint_holds_everything(corpus, tmp_path):  # noqa: F811
     assert isinstance(r["vocab"]["gpt2_ids"], list)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     original = GPT.forward
     calls = {"train": 0}
 
@@ -117,7 +119,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert ckpt_io.read_checkpoint(tmp_path / "resume.pt", resume=True)["step"] == 4
 
 
-def test_wandb_offline_run_writes_its_files(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_wandb_offline_run_writes_its_files(corpus, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
@@ -146,14 +148,14 @@ class _FakeWandb(types.ModuleType):
         raise AssertionError("wandb.log with WandB off")
 
 
-def test_wandb_off_never_calls_wandb(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_wandb_off_never_calls_wandb(corpus, tmp_path, monkeypatch):
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     train(small_config(corpus, tmp_path, max_iters=2, eval_interval=2, wandb=False))
     assert fake.calls == []
 
 
-def test_unreachable_wandb_does_not_crash_the_run(corpus, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_unreachable_wandb_does_not_crash_the_run(corpus, tmp_path, monkeypatch, capsys):
     fake = _FakeWandb(fail_init=True)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     result = train(small_config(corpus, tmp_path, max_iters=2, eval_interval=2, wandb=True))
@@ -161,19 +163,19 @@ def test_unreachable_wandb_does_not_crash_the_run(corpus, tmp_path, monkeypatch,
     assert "WandB could not start" in capsys.readouterr().err
 
 
-def test_sample_at_end_reads_as_text(corpus, tmp_path, capsys):  # noqa: F811
+def test_sample_at_end_reads_as_text(corpus, tmp_path, capsys):
     result = train(small_config(corpus, tmp_path, max_iters=2, eval_interval=2, sample_at_end=True))
     assert result.sample.startswith("Once upon a time") and len(result.sample) > len("Once upon a time")
     assert "sample after 2 iterations:" in capsys.readouterr().out
 
 
-def test_different_seeds_draw_different_batches(corpus, tmp_path):  # noqa: F811
+def test_different_seeds_draw_different_batches(corpus, tmp_path):
     train(small_config(corpus, tmp_path / "a", max_iters=2, eval_interval=2, seed=int(np.random.randint(1, 1000))))
     train(small_config(corpus, tmp_path / "b", max_iters=2, eval_interval=2, seed=1000 + int(np.random.randint(1, 1000))))
     assert read_metrics(tmp_path / "a")[0]["loss"] != read_metrics(tmp_path / "b")[0]["loss"]
 
 
-def test_meter_prints_per_kernel_lines(corpus, tmp_path, capsys):  # noqa: F811
+def test_meter_prints_per_kernel_lines(corpus, tmp_path, capsys):
     from tsfast import meter
 
     train(small_config(corpus, tmp_path, max_iters=2, log_interval=2, eval_interval=2, meter=True))
@@ -183,7 +185,7 @@ def test_meter_prints_per_kernel_lines(corpus, tmp_path, capsys):  # noqa: F811
     assert meter.active() is None  # switched off again at the end of the run
 
 
-def test_kernels_choice_holds_for_the_run_only(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_kernels_choice_holds_for_the_run_only(corpus, tmp_path, monkeypatch):
     from tsfast import ops
 
     seen = []

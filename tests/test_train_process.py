@@ -7,12 +7,15 @@ import signal
 import subprocess
 import sys
 
-from train_helpers import REPO, TRAIN_PY, child_env, corpus, one_thread, read_metrics, small_args  # noqa: F401
+import pytest
+from train_helpers import TRAIN_PY, child_env, read_metrics, small_args
 
 from tsfast.train import checkpoint as ckpt_io
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-def test_sigterm_writes_a_resume_checkpoint(corpus, tmp_path):  # noqa: F811
+
+def test_sigterm_writes_a_resume_checkpoint(corpus, tmp_path):
     out = tmp_path / "out"
     args = small_args(corpus, out, max_iters=100_000, eval_interval=100_000)
     proc = subprocess.Popen([sys.executable, str(TRAIN_PY), *args], cwd=tmp_path, env=child_env(),
@@ -31,7 +34,7 @@ def test_sigterm_writes_a_resume_checkpoint(corpus, tmp_path):  # noqa: F811
     assert not (out / "ckpt.pt").exists()  # no evaluation ran: no best model claimed
 
 
-def test_ddp_two_processes_on_gloo(corpus, tmp_path):  # noqa: F811
+def test_ddp_two_processes_on_gloo(corpus, tmp_path):
     out, dump, logs = tmp_path / "out", tmp_path / "dump", tmp_path / "logs"
     args = small_args(corpus, out, max_iters=3, eval_interval=3, grad_accum=4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,5 +1,5 @@
-"""Shared by the tests/test_train_*.py modules: a small prepared corpus, a small config, and
-the same settings as train.py flags."""
+"""Shared by the tests/test_train_*.py modules: a small config, the same settings as train.py
+flags, and readers of a run's output. The corpus and one_thread fixtures are in conftest.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from tsfast.config import TrainConfig, apply_overrides, preset
@@ -20,23 +19,6 @@ SMALL = dict(
     lr=3e-3, min_lr=3e-4, eval_interval=3, eval_iters=2, log_interval=1, sample_at_end=False,
     device="cpu", kernels="torch",
 )
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """A small synthetic corpus (600 stories, ~75k tokens), prepared once per session."""
-    from tsfast.data.prepare import ensure_synthetic
-
-    return ensure_synthetic(tmp_path_factory.mktemp("data"), num_stories=600, workers=1, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run best on one thread, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_config(data: Path, out: Path, **changes) -> TrainConfig:
