@@ -15,25 +15,15 @@ import torch
 
 from tsfast import ops
 from tsfast.testing import (
+    ATOL,
     assert_parity,
     device_for_tests,
     interpreter_ready,
     kernel_dtypes,
-    poison_,
 )
 
-pytestmark = pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready()))
-
-# Slack on top of the 2x rule, per dtype (testing.ATOL's values; named here so they can be tuned).
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an element left unwritten fails."""
-    from tsfast.kernels import rope_attention as kernel_module
-
-    monkeypatch.setattr(kernel_module, "_alloc_output", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
+pytestmark = [pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready())),
+              pytest.mark.usefixtures("poisoned_attention_outputs")]  # tests/parity/conftest.py
 
 
 def make_inputs(B, H, T, D, dtype, *, rope, layout, seed):

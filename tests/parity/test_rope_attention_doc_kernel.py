@@ -21,25 +21,16 @@ import torch.nn.functional as F
 from tsfast.ops.attention import attended_pairs
 from tsfast.ops.rotary import apply_rope, rope_cos_sin
 from tsfast.testing import (
+    ATOL,
     assert_parity,
     device_for_tests,
     interpreter_ready,
     kernel_dtypes,
     on_gpu,
-    poison_,
 )
 
-pytestmark = pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready()))
-
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an element left unwritten fails."""
-    from tsfast.kernels import rope_attention as kernel_module
-
-    monkeypatch.setattr(kernel_module, "_alloc_output", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
+pytestmark = [pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready())),
+              pytest.mark.usefixtures("poisoned_attention_outputs")]  # tests/parity/conftest.py
 
 
 def kernels():
