@@ -121,8 +121,9 @@ def test_prompt_longer_than_the_context_keeps_its_newest_tokens():
     model = random_model("rope")
     prompt = torch.randint(0, model.config.vocab_size, (BLOCK + random.randint(1, 40),)).tolist()
     dec = Decoder(model, prompt)
-    assert dec.truncated == len(prompt) - dec.keep and 0 < dec.keep < BLOCK
-    torch.testing.assert_close(dec.logits(), window_logits(model, prompt[-dec.keep :]), rtol=1e-4, atol=1e-4)
+    keep = window_keep(BLOCK)
+    assert dec.truncated == len(prompt) - keep and 0 < keep < BLOCK
+    torch.testing.assert_close(dec.logits(), window_logits(model, prompt[-keep :]), rtol=1e-4, atol=1e-4)
 
 
 def test_seeds_reproduce_and_leave_the_global_rng_alone():

@@ -215,4 +215,4 @@ def test_memory_estimate_counts_the_models_parameters(name, bias, pos):
     with torch.device("meta"):
         model = GPT(cfg.model_config(50257))
     _, state, _ = runtime.memory_estimate(cfg)
-    assert state == 16 * sum(p.numel() for p in model.parameters())
+    assert state == 16 * model.num_params()

@@ -51,7 +51,7 @@ def read_tsfast(path: Path):
     if path.is_dir() and (path / "ckpt.pt").is_file():
         path = path / "ckpt.pt"
     ckpt = ckpt_io.read_checkpoint(path)
-    config = ckpt_io.model_config_of(ckpt, path)
+    config = ckpt_io.model_config_of(ckpt)
     if ckpt.get("vocab") is not None:
         size = config.vocab_size  # read_checkpoint checked the vocabulary against it
         raise ExportError(

@@ -205,7 +205,6 @@ class Decoder:
     def __init__(self, model: GPT, prompt: Sequence[int], *, use_cache: bool = True):
         self.model = model
         self.block_size = model.config.block_size
-        self.keep = window_keep(self.block_size)  # tokens a hop keeps
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.tokens = _check_prompt(prompt, model.config.vocab_size)

@@ -40,7 +40,7 @@ class KVCache:
         """Store k, v (B, nh, T, hs) after the cached positions; return all keys and values."""
         end = self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested (slide it first)")
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested (re-run the window in a fresh cache)")
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

@@ -79,13 +79,19 @@ def _safetensors():
     return load_file
 
 
+def _read_config(path: Path) -> dict:
+    """config.json of a model directory; OSError, or ValueError when it is not a JSON object."""
+    config = json.loads((path / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise ValueError("config.json is not a JSON object")
+    return config
+
+
 def read_directory(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
     """(config.json, every tensor, tsfast.json or None) of a Hugging Face model directory."""
     load_file = _safetensors()
     try:
-        config = json.loads((path / "config.json").read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
+        config = _read_config(path)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / 'config.json'} is not a readable config ({e})") from None
     if (path / INDEX).is_file():
@@ -176,10 +182,7 @@ def plan_init(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, list[s
     context longer than the model's, raises CheckpointError."""
     path = resolve(cfg.init_from)
     try:
-        config = json.loads((path / "config.json").read_text())
-        if not isinstance(config, dict):
-            raise ValueError("config.json is not a JSON object")
-        shape = tsfast_config(config, str(path), bias=True)
+        shape = tsfast_config(_read_config(path), str(path), bias=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"--init_from {cfg.init_from}: {e}") from None
     if shape.rope_base != GPTConfig.rope_base:

@@ -176,22 +176,18 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def run(op: str, backend: str, impl, args: tuple, cost) -> torch.Tensor:
-    """impl(*args); with a meter enabled (outside torch.compile), timed under `op`.
-    `cost` is a zero-argument callable giving the call's OpCost (computed only when metered)."""
-    meter = _meter._active
-    if meter is None or torch.compiler.is_compiling():
-        return impl(*args)
-    spent: OpCost = cost()
-    return meter.time_call(op, backend, spent, impl, args, {})
-
-
 def dispatch(family: selection.Family, device: torch.device, call: tuple, declined: str | None,
              args: tuple, cost) -> torch.Tensor:
-    """Run the candidate `choose` picks for this call on `args`, metered under family.op.
-    Not itself a constant: only `choose` is compiled in, the call runs traced."""
+    """Run the candidate `choose` picks for this call on `args`; with a meter enabled (outside
+    torch.compile), timed under family.op. `cost` is a zero-argument callable giving the
+    call's OpCost (computed only when metered). Not itself a constant: only `choose` is
+    compiled in, the call runs traced."""
     c = family.candidate(choose(family, device, call, declined))
-    return run(family.op, c.name, c.impl, args, cost)
+    meter = _meter._active
+    if meter is None or torch.compiler.is_compiling():
+        return c.impl(*args)
+    spent: OpCost = cost()
+    return meter.time_call(family.op, c.name, spent, c.impl, args, {})
 
 
 # Custom ops cannot return None: an absent tensor (no gradient asked for, no bias) travels as

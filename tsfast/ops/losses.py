@@ -232,9 +232,8 @@ def _linear_cross_entropy_triton(h, weight, targets, ignore_index, reduction):
     dtype = _backend.autocast_dtype(h.device.type)
     if dtype is not None:  # what autocast does to the logits matmul
         h, weight = h.to(dtype), weight.to(dtype)
-    grad = torch.is_grad_enabled()  # ctx.needs_input_grad ignores grad mode: ask here
-    return _lce_fwd(h, weight, targets, ignore_index, reduction,
-                    grad and h.requires_grad, grad and weight.requires_grad)[0]
+    # ctx.needs_input_grad ignores grad mode: ask here
+    return _lce_fwd(h, weight, targets, ignore_index, reduction, wants_grad(h), wants_grad(weight))[0]
 
 
 # ----------------------------------------------------------------------------- candidates

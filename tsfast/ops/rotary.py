@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from tsfast.ops._checks import wants_grad
+
 
 def rope_cos_sin(
     seq_len: int, head_dim: int, *, base: float = 10000.0, offset: int = 0, device=None
@@ -78,6 +80,6 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     """R x as rope_attention's torch path rotates q and k: without autograd in fp32 the lean
     `rotate` (4 ops instead of 7), else `apply_rope`. Decoding with a KV cache rotates each
     new key once with it, into the cache (tsfast/model.py), and the same way each query."""
-    if x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
+    if x.dtype == torch.float32 and not wants_grad(x):
         return rotate(x, cos, sin)
     return apply_rope(x, cos, sin)

@@ -241,7 +241,7 @@ def _verify_checksum(ckpt: dict, path: Path) -> bool:
     return False
 
 
-def model_config_of(ckpt: dict, path: str | os.PathLike = "checkpoint") -> GPTConfig:
+def model_config_of(ckpt: dict) -> GPTConfig:
     """The model config of a dict from read_checkpoint (which checked that it builds)."""
     return GPTConfig(**ckpt["model_config"])
 
@@ -294,7 +294,7 @@ def load_for_inference(path: str | os.PathLike = "out/ckpt.pt", device: str = "a
     from tsfast.train.runtime import resolve_device
 
     ckpt = read_checkpoint(path, note=note)
-    model = GPT(model_config_of(ckpt, path))
+    model = GPT(model_config_of(ckpt))
     load_model_state(model, ckpt, path)
     dtype = ckpt["model"]["wte.weight"].dtype
     model.to(device=resolve_device(device), dtype=dtype).eval()

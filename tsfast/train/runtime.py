@@ -162,12 +162,11 @@ def memory_estimate(cfg, vocab_size: int = 50257) -> tuple[int, int, int]:
     rough lower bound for one training process. 16 bytes a parameter (fp32 weights,
     gradients, two moments); 34 bytes per token, layer and unit of width for what the
     backward pass keeps (Korthikanti et al. 2022, with fused attention: no T x T scores)."""
+    from tsfast.model import GPT
+
     c, layers, t = cfg.n_embd, cfg.n_layer, cfg.block_size
-    # The tied embedding (rows padded to 64); per block 12c² of matrices, and with biases 9c of
-    # them plus two LayerNorms' 4c (2c without biases); the final LayerNorm.
-    params = -(-vocab_size // 64) * 64 * c + layers * (12 * c * c + (13 if cfg.bias else 2) * c)
-    params += (2 if cfg.bias else 1) * c
-    params += t * c if cfg.pos == "learned" else 0
+    with torch.device("meta"):  # the model counts its own parameters; nothing is allocated
+        params = GPT(cfg.model_config(vocab_size)).num_params()
     state = 16 * params
     activations = 34 * cfg.batch_size * t * c * layers + 16 * cfg.batch_size * (t + 1)
     return state + activations, state, activations
