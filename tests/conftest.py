@@ -50,3 +50,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Fixtures of the helper modules, shared by every test module that names them.
+from hf_helpers import gpt2_dir  # noqa: E402, F401
+from trained_checkpoint import trained_ckpt  # noqa: E402, F401

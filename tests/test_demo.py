@@ -18,7 +18,7 @@ import requests
 import torch
 from gradio_client import Client
 from train_helpers import save_edited
-from trained_checkpoint import REPO, trained_ckpt  # noqa: F401  (fixture)
+from trained_checkpoint import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -70,7 +70,7 @@ def page_info(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(demo_mod, trained_ckpt):  # noqa: F811
+def server(demo_mod, trained_ckpt):
     with serving(demo_mod, trained_ckpt) as both:
         yield both
 
@@ -151,7 +151,7 @@ def test_prompt_longer_than_the_context_is_cut_from_the_left(server):
     assert re.search(r"the prompt has \d+ tokens; the context holds 128, so the model saw only its last 96", status)
 
 
-def test_missing_checkpoint_page_and_late_training(demo_mod, trained_ckpt, tmp_path):  # noqa: F811
+def test_missing_checkpoint_page_and_late_training(demo_mod, trained_ckpt, tmp_path):
     path = tmp_path / "out" / "ckpt.pt"
     with serving(demo_mod, path) as (client, url):
         info = page_info(url)
@@ -163,7 +163,7 @@ def test_missing_checkpoint_page_and_late_training(demo_mod, trained_ckpt, tmp_p
         assert FINAL.match(ask(client)[1])
 
 
-def test_incompatible_checkpoints(demo_mod, trained_ckpt, tmp_path):  # noqa: F811
+def test_incompatible_checkpoints(demo_mod, trained_ckpt, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(random.randbytes(2000))
     other = tmp_path / "other.pt"
@@ -228,7 +228,7 @@ def test_cancel_from_the_client_stops_the_server(server, produced):
     assert FINAL.match(ask(client, max_new_tokens=10)[1])  # and serves the next request
 
 
-def test_damaged_or_edited_checkpoints_are_named_in_the_page(demo_mod, trained_ckpt, tmp_path):  # noqa: F811
+def test_damaged_or_edited_checkpoints_are_named_in_the_page(demo_mod, trained_ckpt, tmp_path):
     from test_train_checkpoint import damage_tensor_bytes
 
     ckpt = torch.load(trained_ckpt, weights_only=True)
@@ -247,7 +247,7 @@ def test_damaged_or_edited_checkpoints_are_named_in_the_page(demo_mod, trained_c
         assert story == "" and message in status
 
 
-def test_command_line_errors(demo_mod, capsys, trained_ckpt):  # noqa: F811
+def test_command_line_errors(demo_mod, capsys, trained_ckpt):
     assert demo_mod.main(["--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert demo_mod.main(["--port", "70000"]) == 2
@@ -266,7 +266,7 @@ def test_command_line_errors(demo_mod, capsys, trained_ckpt):  # noqa: F811
     assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
-def test_stop_flag_ends_the_stream_with_a_final_status(demo_mod, trained_ckpt, produced):  # noqa: F811
+def test_stop_flag_ends_the_stream_with_a_final_status(demo_mod, trained_ckpt, produced):
     teller = demo_mod.StoryTeller(trained_ckpt, device="cpu")
     teller.request_stop()
     assert updates(teller.stream("Once upon a time", 50, 0.8, 200, 1.0, 1)) == [("", "Stopped before it started.")]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from trained_checkpoint import REPO, quiet_env, trained_ckpt  # noqa: F401  (fixture)
+from trained_checkpoint import REPO, quiet_env
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -57,7 +57,7 @@ runpy.run_path("demo.py", run_name="__main__")
 
 
 @pytest.fixture
-def demo_server(trained_ckpt, tmp_path):  # noqa: F811
+def demo_server(trained_ckpt, tmp_path):
     port = free_port()
     log = open(tmp_path / "demo.log", "w")
     proc = subprocess.Popen(
@@ -88,7 +88,7 @@ def demo_server(trained_ckpt, tmp_path):  # noqa: F811
         log.close()
 
 
-def test_type_generate_stream_stop_screenshot(demo_server, trained_ckpt, tmp_path):  # noqa: F811
+def test_type_generate_stream_stop_screenshot(demo_server, trained_ckpt, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     seed = random.randint(0, 10**6)

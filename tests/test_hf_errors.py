@@ -12,7 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from hf_helpers import gpt2_dir, max_logit_diff, random_ids  # noqa: F401
+from hf_helpers import max_logit_diff, random_ids
 from train_helpers import REPO, child_env, small_config
 from transformers import GPT2LMHeadModel
 
@@ -34,7 +34,7 @@ def one_line_error(spec, match: str) -> str:
 
 
 @pytest.fixture
-def broken(gpt2_dir, tmp_path):  # noqa: F811
+def broken(gpt2_dir, tmp_path):
     """A fresh copy of the saved GPT-2 directory to damage."""
     return Path(shutil.copytree(gpt2_dir, tmp_path / "broken"))
 
@@ -128,7 +128,7 @@ class FakeHub:
         return Api
 
 
-def test_init_from_gpt2_by_name_downloads_through_huggingface_hub(corpus, gpt2_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_init_from_gpt2_by_name_downloads_through_huggingface_hub(corpus, gpt2_dir, tmp_path, monkeypatch):
     hub = FakeHub(gpt2_dir)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
     cfg, _, _ = cli.parse(["--config", "tiny", "--init_from", "gpt2", "--block_size", "16", "--data", str(corpus)])
@@ -138,7 +138,7 @@ def test_init_from_gpt2_by_name_downloads_through_huggingface_hub(corpus, gpt2_d
     assert (cfg.n_embd, cfg.pos, cfg.block_size) == (48, "learned", 16)
 
 
-def test_ckpt_takes_a_hub_repo_id(gpt2_dir, monkeypatch):  # noqa: F811
+def test_ckpt_takes_a_hub_repo_id(gpt2_dir, monkeypatch):
     hub = FakeHub(gpt2_dir)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
     loaded = load_model("someone/tiny-stories", device="cpu")
@@ -197,7 +197,7 @@ def test_compact_vocabulary_checkpoint_is_refused(corpus, tmp_path, capsys):
     (["--block_size", "65"], "has 64 positions; --block_size needs 65: pass --block_size 64 or less"),
     ([], "has 64 positions; block_size=128 of the tiny preset needs 128"),
 ])
-def test_init_from_shapes_that_cannot_be_honoured(gpt2_dir, flags, match, capsys):  # noqa: F811
+def test_init_from_shapes_that_cannot_be_honoured(gpt2_dir, flags, match, capsys):
     block = [] if any(f == "--block_size" for f in flags) or not flags else ["--block_size", "32"]
     assert cli.main(["--config", "tiny", "--init_from", str(gpt2_dir), *block, *flags]) == 2
     err = capsys.readouterr().err.strip()
@@ -205,7 +205,7 @@ def test_init_from_shapes_that_cannot_be_honoured(gpt2_dir, flags, match, capsys
     assert match in err, err
 
 
-def test_init_from_a_config_that_is_not_an_object(gpt2_dir, tmp_path, capsys):  # noqa: F811
+def test_init_from_a_config_that_is_not_an_object(gpt2_dir, tmp_path, capsys):
     broken = tmp_path / "model"
     shutil.copytree(gpt2_dir, broken)
     (broken / "config.json").write_text(json.dumps(["n_layer", 2]))

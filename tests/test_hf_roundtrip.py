@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hf_helpers import HELD_OUT, SHAPE, gpt2_dir, greedy_both, max_logit_diff, random_ids  # noqa: F401
+from hf_helpers import HELD_OUT, SHAPE, greedy_both, max_logit_diff, random_ids
 from train_helpers import REPO, small_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, GPTNeoXForCausalLM
 
@@ -39,7 +39,7 @@ def init_args(corpus, out, init_from, *extra):
     ]
 
 
-def test_init_from_gpt2_train_export_round_trip(corpus, gpt2_dir, tmp_path):  # noqa: F811
+def test_init_from_gpt2_train_export_round_trip(corpus, gpt2_dir, tmp_path):
     hf = GPT2LMHeadModel.from_pretrained(str(gpt2_dir)).eval()
     cfg, _, notes = parse(init_args(corpus, tmp_path, gpt2_dir))
     # The shape comes from the model, the rest from the preset (tiny's compact vocabulary and

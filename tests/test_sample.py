@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from trained_checkpoint import REPO, quiet_env, trained_ckpt  # noqa: F401  (fixture)
+from trained_checkpoint import REPO, quiet_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -33,7 +33,7 @@ def run_main(mod, capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_sample_py_end_to_end(trained_ckpt):  # noqa: F811
+def test_sample_py_end_to_end(trained_ckpt):
     seed = str(random.randint(0, 10**6))
     cmd = [sys.executable, str(REPO / "sample.py"), "--prompt", "Once upon a time", "--num-samples", "2",
            "--max-new-tokens", "25", "--temperature", "0.8", "--top-k", "200", "--seed", seed,
@@ -51,7 +51,7 @@ def test_sample_py_end_to_end(trained_ckpt):  # noqa: F811
     assert rate.group(4) == "KV cache, batch 2"
 
 
-def test_same_seed_same_stories(sample_mod, capsys, trained_ckpt):  # noqa: F811
+def test_same_seed_same_stories(sample_mod, capsys, trained_ckpt):
     seed = str(random.randint(0, 10**6))
     args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "1", "--max-new-tokens", "30", "--temperature", "1.0"]
     _, a, _ = run_main(sample_mod, capsys, *args, "--seed", seed)
@@ -62,7 +62,7 @@ def test_same_seed_same_stories(sample_mod, capsys, trained_ckpt):  # noqa: F811
     assert story(a) != story(c)
 
 
-def test_tokens_are_printed_as_they_arrive(sample_mod, trained_ckpt, monkeypatch):  # noqa: F811
+def test_tokens_are_printed_as_they_arrive(sample_mod, trained_ckpt, monkeypatch):
     events = []
 
     class Recorder:
@@ -82,7 +82,7 @@ def test_tokens_are_printed_as_they_arrive(sample_mod, trained_ckpt, monkeypatch
     assert sum(k == "f" for k, _ in events) >= tokens  # a flush after every token
 
 
-def test_typed_text_of_every_kind(sample_mod, capsys, trained_ckpt):  # noqa: F811
+def test_typed_text_of_every_kind(sample_mod, capsys, trained_ckpt):
     prompt = "Lily 🙂 said こんにちは <|endoftext|> and"
     code, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), "--device", "cpu", "--prompt", prompt,
                               "--num-samples", "1", "--max-new-tokens", "10")
@@ -91,7 +91,7 @@ def test_typed_text_of_every_kind(sample_mod, capsys, trained_ckpt):  # noqa: F8
     assert "not in this model's vocabulary" in err
 
 
-def test_prompt_longer_than_the_context(sample_mod, capsys, trained_ckpt):  # noqa: F811
+def test_prompt_longer_than_the_context(sample_mod, capsys, trained_ckpt):
     prompt = "Once upon a time there was a dog. " * 40
     code, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), "--device", "cpu", "--prompt", prompt,
                               "--num-samples", "1", "--max-new-tokens", "5")
@@ -99,13 +99,13 @@ def test_prompt_longer_than_the_context(sample_mod, capsys, trained_ckpt):  # no
     assert re.search(r"the prompt has \d+ tokens and the context holds 128: only its last 96 tokens are used", err)
 
 
-def test_cache_and_no_cache_report_their_speed(sample_mod, capsys, trained_ckpt):  # noqa: F811
+def test_cache_and_no_cache_report_their_speed(sample_mod, capsys, trained_ckpt):
     args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "1", "--max-new-tokens", "8"]
     _, out, _ = run_main(sample_mod, capsys, *args, "--no-cache")
     assert RATE_LINE.match(out.splitlines()[-1]).group(4) == "no KV cache, one at a time"
 
 
-def test_batch_size_changes_nothing_but_the_speed(sample_mod, capsys, trained_ckpt):  # noqa: F811
+def test_batch_size_changes_nothing_but_the_speed(sample_mod, capsys, trained_ckpt):
     """The samples of one run, decoded one at a time, all together, or 2 at a time (later
     ones joining as earlier ones end), and without the cache: the same stories in order."""
     args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "3", "--max-new-tokens",
@@ -136,7 +136,7 @@ def test_batch_size_changes_nothing_but_the_speed(sample_mod, capsys, trained_ck
         (["--seed", str(2**63 - 1), "--num-samples", "2"], 2, "--seed must be a whole number"),
     ],
 )
-def test_bad_arguments(sample_mod, capsys, trained_ckpt, args, code, message):  # noqa: F811
+def test_bad_arguments(sample_mod, capsys, trained_ckpt, args, code, message):
     got, out, err = run_main(sample_mod, capsys, "--ckpt", str(trained_ckpt), *args)
     assert got == code
     assert re.search(message, err) and "Traceback" not in err
@@ -163,7 +163,7 @@ def test_default_checkpoint_missing(sample_mod, capsys, tmp_path, monkeypatch):
     assert "no checkpoint at out/ckpt.pt" in err and "uv run train.py" in err
 
 
-def test_a_temperature_that_underflows_samples_greedily(sample_mod, capsys, trained_ckpt):  # noqa: F811
+def test_a_temperature_that_underflows_samples_greedily(sample_mod, capsys, trained_ckpt):
     args = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--num-samples", "2", "--max-new-tokens", "15"]
     code, out, err = run_main(sample_mod, capsys, *args, "--temperature", "1e-40")
     assert code == 0 and "Traceback" not in err
@@ -173,7 +173,7 @@ def test_a_temperature_that_underflows_samples_greedily(sample_mod, capsys, trai
     assert stories == [line for line in greedy.splitlines() if line.startswith("Once upon a time")]
 
 
-def test_a_damaged_checkpoint_exits_1_with_one_line(sample_mod, capsys, trained_ckpt, tmp_path):  # noqa: F811
+def test_a_damaged_checkpoint_exits_1_with_one_line(sample_mod, capsys, trained_ckpt, tmp_path):
     from test_train_checkpoint import damage_tensor_bytes
 
     damaged = tmp_path / "ckpt.pt"
@@ -186,7 +186,7 @@ def test_a_damaged_checkpoint_exits_1_with_one_line(sample_mod, capsys, trained_
                    "(ckpt.pt / resume.pt) or train again\n")
 
 
-def test_ctrl_c_during_start_up_is_quiet(sample_mod, capsys, trained_ckpt, monkeypatch):  # noqa: F811
+def test_ctrl_c_during_start_up_is_quiet(sample_mod, capsys, trained_ckpt, monkeypatch):
     import tsfast.train.checkpoint
 
     def interrupted(*args, **kwargs):
@@ -197,7 +197,7 @@ def test_ctrl_c_during_start_up_is_quiet(sample_mod, capsys, trained_ckpt, monke
     assert (code, out, err) == (130, "", "\ninterrupted\n")
 
 
-def test_output_cut_short_by_head_is_quiet(sample_mod, capsys, trained_ckpt, monkeypatch):  # noqa: F811
+def test_output_cut_short_by_head_is_quiet(sample_mod, capsys, trained_ckpt, monkeypatch):
     """sample.py ... | head -c 50: stdout's reader is gone; exit 141 (SIGPIPE's code) and
     nothing on stderr but the model's header (it was a BrokenPipeError traceback, exit 1)."""
     read_end, write_end = os.pipe()

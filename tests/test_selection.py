@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tsfast import ops
-from tsfast.ops import _backend, losses, selection
+from tsfast.ops import _backend, attention, losses, selection
 from tsfast.ops.selection import Candidate, Family, Selector
+from tsfast.testing import interpreter_ready
 
 CPU = torch.device("cpu")
 
@@ -313,14 +314,10 @@ def test_choose_is_a_dynamo_constant():
 # ----------------------------------------------------------------------------- document masks
 
 
+@pytest.mark.skipif(interpreter_ready() is not None, reason=str(interpreter_ready()))
 def test_masked_attention_is_keyed_and_timed_apart(measuring_on_cpu, monkeypatch):
     """A call with doc_ids and one without are two keys; the masked one is timed on packed
     stories (bench_doc_ids), the unmasked one without a mask."""
-    from tsfast.ops import attention
-    from tsfast.testing import interpreter_ready
-
-    if interpreter_ready():
-        pytest.skip(str(interpreter_ready()))
     sel, calls = measuring_on_cpu
     monkeypatch.setattr(_backend, "use_triton", lambda op, device, declined=None: declined is None)
     timed_masks = []
@@ -348,8 +345,6 @@ def test_masked_attention_is_keyed_and_timed_apart(measuring_on_cpu, monkeypatch
 
 @pytest.mark.parametrize("batch, length", [(1, 1), (3, 127), (5, 1000)])
 def test_bench_doc_ids_are_packed_stories(batch, length):
-    from tsfast.ops import attention
-
     ids = attention.bench_doc_ids(batch, length)
     assert ids.shape == (batch, length) and ids.dtype == torch.int64
     assert bool((ids[:, 1:] >= ids[:, :-1]).all())  # what the op's validation asks
