@@ -5,9 +5,11 @@ BENCHMARKS.md section 5 that are not benchmark rows.
     uv run python benchmarks/batched_parts.py step-profile [--rows 8] [--new-tokens 200]
     uv run python benchmarks/batched_parts.py demo-cpu [--model baby_cpu]
     uv run python benchmarks/batched_parts.py lock [--work-ms 1.5]
+    uv run python benchmarks/batched_parts.py tls
 
 - output-layer: the tied output layer of baby_cpu (50304 x 256 fp32), median of 30 calls,
-  with the weight hot in the caches and with a 400 MB write between calls (cold).
+  with the weight hot in the caches and with a 400 MB write between calls (cold); and what
+  packing it costs once (time, resident memory).
 - step-profile: torch.profiler over a BatchDecoder run (random baby_cpu weights, 16-token
   prompts, top-k 50), the ops by self CPU time.
 - demo-cpu: CPU seconds of the demo server process and of the 8 gradio_client users over
@@ -15,27 +17,24 @@ BENCHMARKS.md section 5 that are not benchmark rows.
 - lock: a BatchServer serving 8 x 64 tokens to 8 reader threads that each spend
   --work-ms of Python per token under one lock (a stand-in for a web server's work per
   update), against readers that do nothing.
+- tls: the CPU time of one TLS context with the certificate bundle loaded, which httpx
+  builds for every client gradio_client opens unless it is given one.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def _model(name: str = "baby_cpu"):
-    from test_generate import model_for  # the benchmark's random-weight model
-
-    return model_for(name)
+import test_generate as bench  # noqa: E402  (the benchmark's random-weight models and demo users)
 
 
 def _median_ms(fn, calls: int = 30, flush: torch.Tensor | None = None) -> float:
@@ -55,8 +54,11 @@ def output_layer(args) -> None:
 
     from tsfast.output_layer import OutputLayer
 
-    weight = _model().wte.weight.detach()
+    weight = bench.model_for("baby_cpu").wte.weight.detach()
+    rss, start = psutil.Process().memory_info().rss, time.perf_counter()
     packed = OutputLayer(weight, weight.shape[0], rows=8)
+    print(f"packing: {1e3 * (time.perf_counter() - start):.0f} ms, "
+          f"resident memory +{(psutil.Process().memory_info().rss - rss) / 2**20:.0f} MiB")
     junk = torch.empty(100_000_000)  # 400 MB: more than the shared L3
     one, eight = torch.randn(1, weight.shape[1]), torch.randn(8, weight.shape[1])
     for label, flush in (("hot", None), ("cold", junk)):
@@ -68,18 +70,15 @@ def output_layer(args) -> None:
 def step_profile(args) -> None:
     from torch.profiler import profile
 
-    from tsfast.batching import BatchDecoder, Request
+    from tsfast.batching import Request, generate_many
 
-    model = _model()
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 50257, (16,), generator=gen).tolist() for _ in range(args.rows)]
+    model = bench.model_for("baby_cpu")
+    requests = [Request(prompt, args.new_tokens, top_k=50, seed=i, eos_id=None)
+                for i, prompt in enumerate(bench._prompts(model, args.rows))]
 
     def run():
-        decoder = BatchDecoder(model, max_batch=args.rows)
-        for i, prompt in enumerate(prompts):
-            decoder.add(Request(prompt, args.new_tokens, top_k=50, seed=i, eos_id=None))
-        while decoder.busy:
-            decoder.step()
+        for _ in generate_many(model, requests, batch_size=args.rows):
+            pass
 
     run()
     with profile() as prof:
@@ -88,11 +87,9 @@ def step_profile(args) -> None:
 
 
 def demo_cpu(args) -> None:
-    import test_generate as bench
-
     def cpu_seconds(pid: int) -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
 
     for max_batch in (1, bench.DEMO_USERS):
         with bench.demo_process(args.model, max_batch) as (proc, url):
@@ -108,11 +105,11 @@ def demo_cpu(args) -> None:
 def lock(args) -> None:
     from tsfast.batching import BatchServer, Request
 
-    server = BatchServer(_model(), max_batch=8)
+    server = BatchServer(bench.model_for("baby_cpu"), max_batch=8)
     web = threading.Lock()  # one event loop: the readers' work is serialized
 
     def reader(seed: int, work_s: float):
-        for _ in server.submit(Request([464, 3290, 373], 64, top_k=200, seed=seed, eos_id=None)):
+        for _ in server.submit(Request(bench.PROMPT[:3], 64, top_k=200, seed=seed, eos_id=None)):
             with web:
                 until = time.perf_counter() + work_s
                 while time.perf_counter() < until:
@@ -129,6 +126,19 @@ def lock(args) -> None:
             print(f"{work_ms} ms of reader work per token: 8 x 64 tokens in {time.perf_counter() - start:.2f} s")
 
 
+def tls(args) -> None:
+    import ssl
+
+    import certifi
+
+    times = []
+    for _ in range(20):  # what httpx does for every client gradio_client opens (verify=True)
+        start = time.process_time()
+        ssl.create_default_context(cafile=certifi.where())
+        times.append(time.process_time() - start)
+    print(f"a TLS context with the certificate bundle: {1e3 * statistics.median(times):.1f} ms of CPU (median of 20)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -141,9 +151,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p = sub.add_parser("lock")
     p.add_argument("--work-ms", type=float, default=1.5)
+    sub.add_parser("tls")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    {"output-layer": output_layer, "step-profile": step_profile, "demo-cpu": demo_cpu, "lock": lock}[args.what](args)
+    {"output-layer": output_layer, "step-profile": step_profile, "demo-cpu": demo_cpu, "lock": lock,
+     "tls": tls}[args.what](args)
 
 
 if __name__ == "__main__":
