@@ -50,7 +50,7 @@ def digests(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def corpus(tmp_path):
+def hub_files(tmp_path):
     rng = random.Random(random.randrange(2**32))
     train, val = random_stories(rng, 57), random_stories(rng, 9)
     return {"train": train, "val": val,
@@ -58,77 +58,77 @@ def corpus(tmp_path):
             "valid_file": write_hub_file(tmp_path / "valid.txt", val)}
 
 
-def prepare_files(corpus, out, **kwargs):
-    return prep.prepare("tinystories", out, train_file=corpus["train_file"],
-                        valid_file=corpus["valid_file"], workers=1, progress=False, **kwargs)
+def prepare_files(hub_files, out, **kwargs):
+    return prep.prepare("tinystories", out, train_file=hub_files["train_file"],
+                        valid_file=hub_files["valid_file"], workers=1, progress=False, **kwargs)
 
 
-def test_round_trip_from_hub_format_files(corpus, tmp_path):
-    out = prepare_files(corpus, tmp_path / "data")
+def test_round_trip_from_hub_format_files(hub_files, tmp_path):
+    out = prepare_files(hub_files, tmp_path / "data")
     assert out == tmp_path / "data" / "tinystories"
     data = TokenData(out)
     for split in ("train", "val"):
         tokens = data.split(split)
-        assert decode(tokens) == joined(corpus[split])
-        expected = [t for s in corpus[split] for t in [*encode(s), EOT]]
+        assert decode(tokens) == joined(hub_files[split])
+        expected = [t for s in hub_files[split] for t in [*encode(s), EOT]]
         assert tokens.tolist() == expected
         info = data.meta["splits"][split]
-        assert info["stories"] == len(corpus[split]) and info["tokens"] == len(expected)
+        assert info["stories"] == len(hub_files[split]) and info["tokens"] == len(expected)
     counts = data.counts()
     assert np.array_equal(counts, np.bincount(np.asarray(data.train), minlength=50257))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"]["kind"] == "files" and meta["dtype"] == "uint16"
     assert meta["source"]["inputs"]["train"]["sha256"] == hashlib.sha256(
-        corpus["train_file"].read_bytes()).hexdigest()
+        hub_files["train_file"].read_bytes()).hexdigest()
 
 
-def test_parallel_workers_write_the_same_files(corpus, tmp_path, monkeypatch):
+def test_parallel_workers_write_the_same_files(hub_files, tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "JOB_TEXT_CHARS", 300)  # many small jobs, reordered if buggy
-    one = prepare_files(corpus, tmp_path / "one")
-    two = prep.prepare("tinystories", tmp_path / "two", train_file=corpus["train_file"],
-                       valid_file=corpus["valid_file"], workers=2, progress=False)
+    one = prepare_files(hub_files, tmp_path / "one")
+    two = prep.prepare("tinystories", tmp_path / "two", train_file=hub_files["train_file"],
+                       valid_file=hub_files["valid_file"], workers=2, progress=False)
     without_meta = [{k: v for k, v in digests(d).items() if k != "meta.json"} for d in (one, two)]
     assert without_meta[0] == without_meta[1]  # meta.json differs only in its timestamps
     assert validate(two)["fingerprint"] == validate(one)["fingerprint"]
 
 
-def test_limit_keeps_the_first_stories(corpus, tmp_path):
-    out = prepare_files(corpus, tmp_path / "data", limit=4)
+def test_limit_keeps_the_first_stories(hub_files, tmp_path):
+    out = prepare_files(hub_files, tmp_path / "data", limit=4)
     data = TokenData(out)
-    assert decode(data.train) == joined(corpus["train"][:4])
-    assert decode(data.val) == joined(corpus["val"][:4])
+    assert decode(data.train) == joined(hub_files["train"][:4])
+    assert decode(data.val) == joined(hub_files["val"][:4])
 
 
-def test_rerun_skips_and_changed_input_redoes(corpus, tmp_path, capsys):
-    out = prepare_files(corpus, tmp_path / "data")
+def test_rerun_skips_and_changed_input_redoes(hub_files, tmp_path, capsys):
+    out = prepare_files(hub_files, tmp_path / "data")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    prepare_files(corpus, tmp_path / "data")
+    prepare_files(hub_files, tmp_path / "data")
     assert "already prepared from the same inputs; skipping" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     extra = random_stories(random.Random(), 3)
-    write_hub_file(corpus["train_file"], corpus["train"] + extra)
-    prepare_files(corpus, tmp_path / "data")
+    write_hub_file(hub_files["train_file"], hub_files["train"] + extra)
+    prepare_files(hub_files, tmp_path / "data")
     assert "prepared from other inputs or options; preparing it again" in capsys.readouterr().out
-    assert decode(TokenData(out).train) == joined(corpus["train"] + extra)
+    assert decode(TokenData(out).train) == joined(hub_files["train"] + extra)
     with open(out / "val.bin", "ab") as handle:  # damaged output is redone, not trusted
         handle.write(b"\1\0")
-    prepare_files(corpus, tmp_path / "data")
+    prepare_files(hub_files, tmp_path / "data")
     assert "val.bin has" in capsys.readouterr().out
-    assert decode(TokenData(out).val) == joined(corpus["val"])
+    assert decode(TokenData(out).val) == joined(hub_files["val"])
 
 
 @pytest.mark.parametrize("chunk", [1, 2, None])  # 1 and 2 bytes cut the 3-byte BOM
-def test_reads_cut_markers_and_characters_anywhere(corpus, monkeypatch, chunk):
+def test_reads_cut_markers_and_characters_anywhere(hub_files, monkeypatch, chunk):
     """Tiny reads split `<|endoftext|>`, the BOM and multi-byte characters across chunks."""
     monkeypatch.setattr(sources, "READ_CHUNK_BYTES", chunk or random.randrange(3, 12))
     monkeypatch.setattr(sources, "JOB_TEXT_CHARS", random.randrange(1, 300))
-    jobs = list(sources.TextSplit(corpus["train_file"]).jobs(limit=None))
-    assert [story for (_, batch), _ in jobs for story in batch] == corpus["train"]
-    assert sum(units for _, units in jobs) == corpus["train_file"].stat().st_size
-    crlf = corpus["train_file"].with_suffix(".crlf")
-    crlf.write_bytes(b"\xef\xbb\xbf" + corpus["train_file"].read_bytes().replace(b"\n", b"\r\n"))
+    jobs = list(sources.TextSplit(hub_files["train_file"]).jobs(limit=None))
+    assert [story for (_, batch), _ in jobs for story in batch] == hub_files["train"]
+    assert sum(units for _, units in jobs) == hub_files["train_file"].stat().st_size
+    crlf = hub_files["train_file"].with_suffix(".crlf")
+    crlf.write_bytes(b"\xef\xbb\xbf" + hub_files["train_file"].read_bytes().replace(b"\n", b"\r\n"))
     stories = [story for (_, batch), _ in sources.TextSplit(crlf).jobs(limit=None) for story in batch]
-    assert stories == [s.replace("\n", "\r\n") for s in corpus["train"]]  # BOM dropped, CRLF kept
+    assert stories == [s.replace("\n", "\r\n") for s in hub_files["train"]]  # BOM dropped, CRLF kept
 
 
 def test_text_without_markers_is_refused_early(tmp_path, monkeypatch):
@@ -140,20 +140,20 @@ def test_text_without_markers_is_refused_early(tmp_path, monkeypatch):
         list(sources.TextSplit(path).jobs(limit=None))
 
 
-def test_hub_download_is_called_for_the_right_files(corpus, tmp_path, monkeypatch):
+def test_hub_download_is_called_for_the_right_files(hub_files, tmp_path, monkeypatch):
     import huggingface_hub
 
     calls = []
 
     def fake_download(repo_id, filename, *, repo_type):
         calls.append((repo_id, filename, repo_type))
-        return str(corpus["valid_file" if "valid" in filename else "train_file"])
+        return str(hub_files["valid_file" if "valid" in filename else "train_file"])
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     out = prep.prepare("tinystories", tmp_path / "data", workers=1, progress=False)
     assert calls == [("roneneldan/TinyStories", "TinyStoriesV2-GPT4-train.txt", "dataset"),
                      ("roneneldan/TinyStories", "TinyStoriesV2-GPT4-valid.txt", "dataset")]
-    assert decode(TokenData(out).val) == joined(corpus["val"])
+    assert decode(TokenData(out).val) == joined(hub_files["val"])
     assert json.loads((out / "meta.json").read_text())["source"]["kind"] == "hub"
     calls.clear()
     assert prep.prepare("tinystories", tmp_path / "data", version="v1", workers=1,
@@ -173,8 +173,8 @@ def test_hub_failure_names_the_way_out(tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()
 
 
-def test_failure_mid_write_leaves_the_old_corpus_intact(corpus, tmp_path, monkeypatch):
-    out = prepare_files(corpus, tmp_path / "data", limit=5)
+def test_failure_mid_write_leaves_the_old_corpus_intact(hub_files, tmp_path, monkeypatch):
+    out = prepare_files(hub_files, tmp_path / "data", limit=5)
     before = digests(out)
     calls = {"n": 0}
     real_write = prep.SplitWriter.write
@@ -188,9 +188,9 @@ def test_failure_mid_write_leaves_the_old_corpus_intact(corpus, tmp_path, monkey
     monkeypatch.setattr(sources, "JOB_TEXT_CHARS", 100)
     monkeypatch.setattr(prep.SplitWriter, "write", failing_write)
     with pytest.raises(prep.PrepareError, match="disk full.*the existing data there is unchanged"):
-        prepare_files(corpus, tmp_path / "data")
+        prepare_files(hub_files, tmp_path / "data")
     assert digests(out) == before  # no temporaries left either
-    assert decode(TokenData(out).train) == joined(corpus["train"][:5])
+    assert decode(TokenData(out).train) == joined(hub_files["train"][:5])
 
 
 def test_sigkill_mid_write_leaves_the_old_corpus_intact(tmp_path):
@@ -320,8 +320,8 @@ def test_bad_input_fails_clearly_and_damages_nothing(case, bad_runs):
     assert not (good.parent / "synthetic").exists()
 
 
-def test_check_passes_on_good_data(corpus, tmp_path):
-    prepare_files(corpus, tmp_path / "data")
+def test_check_passes_on_good_data(hub_files, tmp_path):
+    prepare_files(hub_files, tmp_path / "data")
     result = subprocess.run([sys.executable, "-m", "tsfast.data.prepare", "--check", "--out",
                              str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -339,9 +339,9 @@ def test_temporaries_of_live_runs_are_kept(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "", "/tmp/abs"])
-def test_name_must_stay_inside_out(corpus, tmp_path, capsys, name):
+def test_name_must_stay_inside_out(hub_files, tmp_path, capsys, name):
     out = tmp_path / "data" / "inner"
-    code = prep.main(["--train", str(corpus["train_file"]), "--valid", str(corpus["valid_file"]), "--out", str(out),
+    code = prep.main(["--train", str(hub_files["train_file"]), "--valid", str(hub_files["valid_file"]), "--out", str(out),
                       "--name", name, "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
@@ -349,9 +349,9 @@ def test_name_must_stay_inside_out(corpus, tmp_path, capsys, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt", "valid.txt"]
 
 
-def test_a_failed_prepare_leaves_no_empty_directories(corpus, tmp_path, capsys):
+def test_a_failed_prepare_leaves_no_empty_directories(hub_files, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    code = prep.main(["--train", str(corpus["train_file"]), "--valid", str(tmp_path / "empty.txt"),
+    code = prep.main(["--train", str(hub_files["train_file"]), "--valid", str(tmp_path / "empty.txt"),
                       "--out", str(tmp_path / "new" / "data"), "--workers", "1", "--no-progress"])
     assert code == 1 and "no stories for the val split" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "train.txt", "valid.txt"]
